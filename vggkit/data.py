@@ -1,0 +1,283 @@
+"""Robust image loading, class-folder scanning and the paper's transforms.
+
+Everything that touches image files goes through ``load_image``: it fixes EXIF
+orientation, converts every mode (greyscale, RGBA, palette, CMYK, 16-bit) to RGB,
+and refuses what is not an image, or is a decompression bomb, with a clear message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+MAX_IMAGE_PIXELS = 100_000_000  # 10k x 10k; larger is refused as a possible decompression bomb
+SPLITS = ("train", "val", "test")
+
+# AlexNet's PCA colour augmentation (Krizhevsky et al. 2012): ImageNet RGB eigen-decomposition.
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image: the path, the reason and what to do."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """By name: an image extension and not a hidden file (``.DS_Store``, ``._x.jpg``)."""
+    name = os.path.basename(str(path))
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparent pixels go on white; 16-bit is rescaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file (or take a PIL image / HxWx3 uint8 array) as an upright RGB PIL image.
+
+    Raises ``ImageError`` naming the file for anything that is not a readable image.
+    """
+    if isinstance(source, np.ndarray):
+        source = Image.fromarray(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source, "<image>", max_pixels)
+        return to_rgb(ImageOps.exif_transpose(source) or source)
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(path, "no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(image, path, max_pixels)
+                image.load()
+                image = ImageOps.exif_transpose(image) or image
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(path, f"more than {max_pixels:,} pixels; refused as a possible decompression bomb") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied; make the file readable (chmod +r)") from None
+    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        reason = "not an image PIL can read" if "cannot identify" in str(error) else f"corrupt or truncated ({error})"
+        raise ImageError(path, f"{reason}; remove or replace the file") from None
+    except (ValueError, SyntaxError, IndexError) as error:
+        raise ImageError(path, f"corrupt image ({error}); remove or replace the file") from None
+
+
+def _check_pixels(image: Image.Image, path, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(path, f"{width}x{height} is more than {max_pixels:,} pixels; "
+                               f"refused as a possible decompression bomb (downscale it first)")
+    if width < 1 or height < 1:
+        raise ImageError(path, "empty image")
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@dataclass
+class FolderScan:
+    """The result of scanning a class-folder tree: classes, (path, label) samples and what was skipped."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts = {c: 0 for c in self.classes}
+        for _, label in self.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
+
+def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verify: bool = False) -> FolderScan:
+    """Scan ``root/<class>/**/<image>``: class names sorted, files sorted, hidden and non-image files skipped.
+
+    ``verify=True`` decodes every image once and skips (and reports) the unreadable ones.
+    Raises a clear ``ValueError`` when ``root`` is missing or holds no class folders.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {root}. Expected one sub-folder per class.")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root} holds no class folders. Expected {root}/<class_name>/<image files>.")
+    classes = list(classes) if classes is not None else found
+    samples: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                if not is_image_file(path):
+                    if not filename.startswith("."):
+                        skipped.append((path, "not an image file (by extension)"))
+                    continue
+                if verify:
+                    try:
+                        load_image(path)
+                    except ImageError as error:
+                        skipped.append((path, error.reason))
+                        continue
+                samples.append((path, label))
+    return FolderScan(root, classes, samples, skipped)
+
+
+def report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
+    """One warning that lists every skipped file (the first ``limit`` by name) and why."""
+    if not skipped:
+        return
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    more = f"\n  ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    warnings.warn(f"Skipped {len(skipped)} file(s) that are not usable images:\n" + "\n".join(lines) + more,
+                  stacklevel=2)
+
+
+def find_splits(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{"train": ..., "val": ..., "test": ...}`` for the split folders present in ``data_dir`` (may be empty)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {data_dir}")
+    return {s: data_dir / s for s in SPLITS if (data_dir / s).is_dir()}
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples -> (transform(image), label).
+
+    A file that fails to decode during training is reported once and replaced by
+    the next readable sample, so one bad file never stops an epoch.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.failed: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            if path in self.failed:
+                continue
+            try:
+                image = load_image(path)
+            except ImageError as error:
+                self.failed[path] = error.reason
+                warnings.warn(f"Skipping unreadable image {path}: {error.reason}", stacklevel=2)
+                continue
+            return (self.transform(image) if self.transform else image), label
+        raise RuntimeError("No readable image left in the dataset.")
+
+
+# --------------------------------------------------------------------------- the paper's transforms
+
+
+def rescale_shortest(image: Image.Image, size: int) -> Image.Image:
+    """Isotropic rescale so the shortest side is ``size`` (the paper's S or Q); upscales small images."""
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+class PCALighting:
+    """AlexNet's random RGB colour shift: add eigvec @ (alpha * eigval), alpha ~ N(0, 0.1), to RGB in [0, 1]."""
+
+    def __init__(self, alpha_std: float = 0.1) -> None:
+        self.alpha_std = alpha_std
+
+    def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
+        if self.alpha_std == 0:
+            return rgb
+        alpha = torch.randn(3) * self.alpha_std
+        shift = PCA_EIGVEC @ (alpha * PCA_EIGVAL)
+        return rgb + shift.view(3, 1, 1)
+
+
+class TrainTransform:
+    """Section 3.1 augmentation: rescale to S (fixed, or drawn per image from [S_min, S_max]),
+    random ``crop`` x ``crop`` crop, random flip, PCA colour shift, then the weights' normalisation.
+
+    PIL image -> (3, crop, crop) float32.
+    """
+
+    def __init__(self, scale: int | tuple[int, int] = 256, crop: int = 224, flip: bool = True,
+                 pca_std: float = 0.1, preprocess=None) -> None:
+        from .preprocess import IMAGENET
+
+        self.scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
+        if self.scale[0] < crop:
+            raise ValueError(f"Training scale S={self.scale[0]} is smaller than the {crop} px crop.")
+        self.crop, self.flip = crop, flip
+        self.lighting = PCALighting(pca_std)
+        self.preprocess = preprocess or IMAGENET
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = random.randint(self.scale[0], self.scale[1])
+        image = rescale_shortest(image, size)
+        top = random.randint(0, image.height - self.crop)
+        left = random.randint(0, image.width - self.crop)
+        image = TF.crop(image, top, left, self.crop, self.crop)
+        if self.flip and random.random() < 0.5:
+            image = TF.hflip(image)
+        rgb = self.lighting(TF.to_tensor(image))
+        return self.preprocess.normalize(rgb)
+
+
+class EvalTransform:
+    """Rescale the shortest side to Q, optionally centre-crop, normalise. PIL -> (3, H, W) float32."""
+
+    def __init__(self, scale: int = 256, crop: int | None = 224, preprocess=None) -> None:
+        from .preprocess import IMAGENET
+
+        self.scale, self.crop = scale, crop
+        self.preprocess = preprocess or IMAGENET
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = rescale_shortest(image, self.scale)
+        if self.crop:
+            image = TF.center_crop(image, self.crop)
+        return self.preprocess.normalize(TF.to_tensor(image))
+
+
+def grid_offsets(length: int, crop: int, count: int) -> list[int]:
+    """``count`` evenly spaced crop starts along a side of ``length`` (a side of 224 gives all zeros)."""
+    if count == 1:
+        return [(length - crop) // 2]
+    return [int(math.floor(i * (length - crop) / (count - 1) + 0.5)) for i in range(count)]
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels

@@ -1,0 +1,88 @@
+"""Tables about a model: per-layer shapes, parameters, receptive fields and FLOPs; the runtime in use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configs import PAPER_PARAMETERS, resolve
+from .model import VGG, tap_module
+from .receptive_field import receptive_field
+
+
+def layer_rows(name: str, input_size: int = 224, width: float = 1.0) -> list[dict]:
+    """One dict per named layer: name, output shape (C, H, W), parameters, multiply-adds, rf/stride/padding.
+
+    fc6-fc8 are counted as the dense convs on the pool5 map (at 224: the FC layers).
+    """
+    model = VGG(name, width=width).eval()
+    rf = receptive_field(name)
+    hooks, shapes = [], {}
+    for layer in model.layer_names[:-3]:
+        module = model.get_submodule(tap_module(layer))
+        hooks.append(module.register_forward_hook(
+            lambda mod, inp, out, layer=layer: shapes.__setitem__(layer, tuple(out.shape[1:]))))
+    with torch.no_grad():
+        pool5 = model.features(torch.zeros(1, 3, input_size, input_size))
+        # Below 224 px fc6 cannot run as a 7x7 conv; the FC form (adaptive pool) still runs.
+        dense = input_size >= 224
+        maps = model.to_fully_conv().fc_maps(pool5) if dense else None
+    for hook in hooks:
+        hook.remove()
+    for layer in ("fc6", "fc7", "fc8"):
+        features = getattr(model.classifier, layer).out_features
+        shapes[layer] = tuple(maps[layer].shape[1:]) if dense else (features, 1, 1)
+
+    rows, owner = [], None
+    params = {layer: 0 for layer in model.layer_names}
+    for module_name, module in model.features.named_children():
+        if isinstance(module, nn.Conv2d):
+            owner = "conv" + module_name[len("conv"):]
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+            params[owner] += sum(p.numel() for p in module.parameters())
+    for layer in ("fc6", "fc7", "fc8"):
+        params[layer] = sum(p.numel() for p in getattr(model.classifier, layer).parameters())
+    for layer in model.layer_names:
+        c, h, w = shapes[layer]
+        if layer.startswith(("conv", "fc")):
+            weights = params[layer] - c  # minus biases (and BN affine, approximately)
+            macs = weights * h * w
+        else:
+            macs = 0
+        r = rf[layer]
+        rows.append(dict(layer=layer, shape=(c, h, w), params=params[layer], macs=macs,
+                         receptive_field=r.receptive_field, stride=r.stride, padding=r.padding))
+    return rows
+
+
+def layer_table(name: str, input_size: int = 224, width: float = 1.0) -> str:
+    """``vggkit info NAME`` as Markdown."""
+    spec = resolve(name)
+    rows = layer_rows(name, input_size, width)
+    lines = [f"{spec.name} (config {spec.config}{', batch norm' if spec.batch_norm else ''}), "
+             f"input 3x{input_size}x{input_size}, width {width}", "",
+             "| layer | output (C x H x W) | parameters | MACs | receptive field | stride | padding |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c, h, w = r["shape"]
+        lines.append(f"| {r['layer']} | {c} x {h} x {w} | {r['params']:,} | {r['macs'] / 1e6:,.1f}M | "
+                     f"{r['receptive_field']} | {r['stride']} | {r['padding']} |")
+    total = sum(r["params"] for r in rows)
+    macs = sum(r["macs"] for r in rows)
+    paper = PAPER_PARAMETERS.get(spec.config) if not spec.batch_norm and width == 1.0 else None
+    lines += ["", f"parameters: {total:,}" + (f" (Table 2: {paper:,})" if paper else ""),
+              f"multiply-adds: {macs / 1e9:.2f} G ({2 * macs / 1e9:.2f} GFLOPs) at {input_size}x{input_size}"]
+    return "\n".join(lines)
+
+
+def runtime_report() -> str:
+    """What vggkit's own jobs will run on, for ``vggkit info --runtime``."""
+    from .runtime import choose_runtime, cpu_has_fast_bf16
+
+    runtime = choose_runtime("auto")
+    lines = [f"runtime: {runtime.describe()}", f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
+    if runtime.device.type == "cpu":
+        lines.append(f"CPU bf16 support (AMX or AVX-512-bf16): {'yes' if cpu_has_fast_bf16() else 'no'}")
+    else:
+        lines.append(f"GPU: {torch.cuda.get_device_name(runtime.device)}")
+    return "\n".join(lines)
