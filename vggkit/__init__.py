@@ -4,6 +4,7 @@ from .backbone import VGGBackbone, backbone
 from .configs import PAPER_PARAMETERS, list_models, resolve
 from .model import VGG, FullyConvVGG
 from .preprocess import Preprocess
+from .protocols import class_heatmap, class_score_maps, dense_predict
 from .runtime import optimize
 from .receptive_field import effective_receptive_field, receptive_field
 from .weights import (
@@ -21,4 +22,5 @@ __all__ = [
     "VGG", "FullyConvVGG", "VGGBackbone", "Preprocess", "WeightsError", "WeightsUnavailableError",
     "PAPER_PARAMETERS", "backbone", "count_parameters", "create_model", "effective_receptive_field",
     "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
+    "class_heatmap", "class_score_maps", "dense_predict",
 ]

@@ -1,0 +1,140 @@
+"""The paper's test protocols (section 3.2): dense, multi-crop, centre, class score maps, and ``evaluate``."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+import vggkit
+from vggkit.preprocess import CAFFE, IMAGENET
+from vggkit.protocols import (
+    class_heatmap,
+    class_score_maps,
+    dense_predict,
+    grid_crops,
+    inference_networks,
+    multicrop_predict,
+)
+
+WIDTH = 1 / 16  # 32 channels in block 5, 256-unit fc6/fc7: every protocol runs in milliseconds
+
+
+def tiny_model(num_classes: int = 10, name: str = "vgg11") -> vggkit.VGG:
+    return vggkit.create_model(name, width=WIDTH, num_classes=num_classes)
+
+
+def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def network_input(model, image: Image.Image) -> torch.Tensor:
+    """The plain way: the weights' normalisation of the whole image, (1, 3, H, W)."""
+    return model.preprocess.normalize(TF.to_tensor(image))[None]
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@pytest.mark.parametrize("preprocess", [IMAGENET, CAFFE], ids=["imagenet", "caffe"])
+def test_dense_at_224_equals_the_centre_logits(preprocess):
+    model = tiny_model()
+    model.preprocess = preprocess
+    image = noise_image(224, 224)
+    with torch.no_grad():
+        logits = model.eval()(network_input(model, image))[0]
+    model.train()
+
+    maps = class_score_maps(model, image, scale=224)
+    assert maps.shape == (10, 1, 1)
+    torch.testing.assert_close(maps[:, 0, 0], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(dense_predict(model, image, scales=224, flip=False), logits.softmax(-1),
+                               atol=1e-5, rtol=0)
+    assert model.training and model.features.training, "the model's train/eval flags are restored"
+
+
+def test_score_maps_have_the_papers_size_and_flip_is_averaged_back():
+    model = tiny_model()
+    image = noise_image(300, 400)  # shortest side to 384 -> 384x512 -> floor(/32) - 6 = 6 x 10
+    plain = class_score_maps(model, image, scale=384)
+    assert plain.shape == (10, 6, 10) and plain.dtype == torch.float32
+    mirrored = class_score_maps(model, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), scale=384)
+    torch.testing.assert_close(class_score_maps(model, image, scale=384, flip=True),
+                               (plain + mirrored.flip(-1)) / 2, atol=1e-5, rtol=0)
+
+
+def test_class_heatmaps_are_probabilities_at_the_image_size():
+    model = tiny_model(num_classes=4)
+    image = noise_image(250, 330)
+    maps = [class_heatmap(model, image, c, scales=(256, 288)) for c in range(4)]
+    assert all(m.shape == (250, 330) and m.dtype == np.float32 for m in maps)
+    # Softmax maps sum to one at every position; bilinear upsampling and averaging keep that.
+    np.testing.assert_allclose(np.sum(maps, axis=0), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="class_index 4 is out of range for a 4-class model"):
+        class_heatmap(model, image, 4)
+
+
+def test_grid_crops_on_an_image_exactly_224_wide():
+    image = torch.arange(3 * 300 * 224, dtype=torch.float32).view(3, 300, 224)
+    crops = grid_crops(image)
+    assert crops.shape == (50, 3, 224, 224)  # 5x5 grid x 2 flips
+    for row in range(5):
+        for column in range(5):
+            assert torch.equal(crops[row * 5 + column], crops[row * 5]), "no room to move along the width"
+    assert not torch.equal(crops[0], crops[5])  # but 76 px to move along the height
+    assert torch.equal(crops[0], image[:, :224, :224]) and torch.equal(crops[24], image[:, -224:, :])
+    assert torch.equal(crops[25:], crops[:25].flip(-1))
+    assert grid_crops(image, flip=False).shape == (25, 3, 224, 224)
+    with pytest.raises(ValueError, match="smaller than the 224 px crop"):
+        grid_crops(image[:, :200])
+
+
+def count_forward_passes(model):
+    """Images (batch entries) and calls through the convolutional layers, counted by a forward hook."""
+    counts = {"images": 0, "calls": 0}
+
+    def hook(module, inputs, output):
+        counts["images"] += inputs[0].shape[0]
+        counts["calls"] += 1
+
+    return counts, model.features.register_forward_hook(hook)
+
+
+def test_dense_runs_once_per_flip_and_multicrop_fifty_times():
+    model = tiny_model()
+    image = noise_image(384, 420)
+    counts, handle = count_forward_passes(model)
+    dense_predict(model, image, scales=384)
+    assert counts == {"images": 2, "calls": 1}  # the image and its mirror image, as one batch
+    counts.update(images=0, calls=0)
+    multicrop_predict(model, image, scales=384)
+    assert counts == {"images": 50, "calls": 1}
+    counts.update(images=0, calls=0)
+    multicrop_predict(model, image, scales=(256, 384, 512), batch_size=64)
+    assert counts == {"images": 150, "calls": 3}  # 150 crops in batches of 64
+    handle.remove()
+
+
+def test_bad_scales_and_models_are_clear_errors():
+    with pytest.raises(ValueError, match=r"Q=200 must be an integer >= 224"):
+        dense_predict(tiny_model(), noise_image(64, 64), scales=(256, 200))
+    with pytest.raises(TypeError, match="Expected a vggkit VGG"):
+        dense_predict(torch.nn.Linear(2, 2), noise_image(64, 64))
+
+
+def test_small_images_are_upscaled_and_optimized_models_accepted():
+    model = tiny_model()
+    probabilities = dense_predict(vggkit.optimize(model, precision="fp32"), noise_image(40, 90), scales=(256, 384))
+    assert probabilities.shape == (10,) and abs(float(probabilities.sum()) - 1) < 1e-5
+    torch.testing.assert_close(probabilities, dense_predict(model, noise_image(40, 90), scales=(256, 384)),
+                               atol=1e-5, rtol=0)
+
+
+def test_inference_networks_leave_a_copy_untouched():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with inference_networks(model, precision="fp32") as nets:
+        assert nets.classifier is not model and not nets.classifier.training
+        next(nets.classifier.parameters()).data.zero_()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

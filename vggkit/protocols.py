@@ -1,0 +1,263 @@
+"""The paper's test protocols (section 3.2) on one image: centre crop, dense, multi-crop; class score maps.
+
+Every protocol starts from uint8 RGB views that are decoded and rescaled once
+(``ProtocolViews``), normalises them with the weights' own ``Preprocess`` on the
+device, and runs an ``InferenceNetworks``: the model's classifier and its
+fully-convolutional form, which share one set of parameters.
+
+- centre: shortest side to ``preprocess.resize_size``, centre crop 224, classifier.
+- dense: shortest side to Q, the fully-convolutional net on the whole image, the
+  class score map averaged spatially; softmax averaged over the image and its
+  horizontal flip, then over the scales.
+- multi-crop: shortest side to Q, a 5x5 grid of 224x224 crops x 2 flips (50 per
+  scale), softmax averaged over crops and scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from .data import grid_offsets, load_image, rescale_shortest
+from .model import VGG, FullyConvVGG
+from .preprocess import IMAGENET, Preprocess
+from .runtime import OptimizedModel, Runtime, optimize
+
+CROP = 224  # the training crop: fc6 sees exactly a 7x7 window of pool5
+GRID = 5  # multi-crop: a 5x5 grid of crops per scale
+PAPER_SCALES = (256, 384, 512)  # Q for scale-jittered training, S in [256, 512] (Tables 4 and 5)
+
+ImageSource = str | os.PathLike | Image.Image | np.ndarray
+
+
+# --------------------------------------------------------------------------- the networks
+
+
+@dataclass(frozen=True)
+class InferenceNetworks:
+    """A VGG in eval mode, its fully-convolutional form (same parameters), its runtime and preprocessing."""
+
+    classifier: VGG
+    dense: FullyConvVGG
+    runtime: Runtime
+    preprocess: Preprocess
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, 3, H, W) -> the network's float32 input (N, 3, H, W) on the runtime's device."""
+        x = rgb.to(self.runtime.device, non_blocking=True).float().div_(255)
+        return self.preprocess.normalize(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised crops (N, 3, 224, 224) -> float32 logits (N, classes)."""
+        with torch.inference_mode():
+            return self.classifier(self.runtime.input(x)).float()
+
+    def score_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
+        with torch.inference_mode():
+            return self.dense(self.runtime.input(x)).float()
+
+
+def as_vgg(model: nn.Module) -> VGG:
+    """The VGG inside ``model`` (itself, or an ``OptimizedModel``'s copy); a clear error otherwise."""
+    inner = model.model if isinstance(model, OptimizedModel) else model
+    if not isinstance(inner, VGG):
+        raise TypeError(f"Expected a vggkit VGG (vggkit.create_model) or vggkit.optimize(...) of one, "
+                        f"got {type(model).__name__}.")
+    return inner
+
+
+@contextlib.contextmanager
+def inference_networks(model: nn.Module, precision: str | None = None,
+                       device: str | torch.device | None = None) -> Iterator[InferenceNetworks]:
+    """Run ``model`` for evaluation inside a ``with`` block.
+
+    ``precision=None`` runs the model as it is (its device and dtype, no copy), in eval
+    mode for the block only: every module's train/eval flag is restored afterwards.
+    ``precision="auto"|"fp32"|"bf16"|"fp16"`` runs an inference copy under
+    ``vggkit.runtime`` instead. A ``vggkit.optimize`` model runs under its own runtime.
+    The model's parameters are never changed.
+    """
+    vgg = as_vgg(model)
+    if isinstance(model, OptimizedModel):
+        runtime = model.runtime
+    elif precision is not None:
+        fast = optimize(vgg, precision, device)
+        vgg, runtime = fast.model, fast.runtime
+    else:
+        parameter = next(vgg.parameters())
+        runtime = Runtime(parameter.device, parameter.dtype, channels_last=False)
+    flags = {module: module.training for module in vgg.modules()}
+    try:
+        vgg.eval()
+        yield InferenceNetworks(vgg, vgg.to_fully_conv().eval(), runtime, vgg.preprocess or IMAGENET)
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+# --------------------------------------------------------------------------- decoded views
+
+
+def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
+    """One Q or several -> a tuple; each must be an integer >= 224 (the fully-convolutional net's minimum)."""
+    scales = (scales,) if isinstance(scales, (int, np.integer)) else tuple(scales)
+    if not scales:
+        raise ValueError("No test scale given; pass one Q or several, e.g. scales=(256, 384, 512).")
+    for scale in scales:
+        if not isinstance(scale, (int, np.integer)) or scale < CROP:
+            raise ValueError(f"Test scale Q={scale!r} must be an integer >= {CROP} "
+                             f"(the shortest side must hold a {CROP} px crop).")
+    return tuple(int(s) for s in scales)
+
+
+def rescaled_view(image: Image.Image, scale: int) -> torch.Tensor:
+    """Isotropic rescale to shortest side ``scale`` (small images upscaled) -> uint8 (3, H, W)."""
+    return TF.pil_to_tensor(rescale_shortest(image, scale))
+
+
+def center_view(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
+    """The weights' own resize + centre crop, as ``Preprocess.__call__`` does -> uint8 (3, crop, crop)."""
+    return TF.pil_to_tensor(TF.center_crop(rescale_shortest(image, preprocess.resize_size), preprocess.input_size))
+
+
+class ProtocolViews:
+    """RGB PIL image -> ``{"center": uint8 (3, 224, 224) | None, "scaled": [uint8 (3, H_q, W_q) per Q]}``.
+
+    Everything the requested protocols need from one decode of the file.
+    """
+
+    def __init__(self, scales: Sequence[int] = (), center: Preprocess | None = None) -> None:
+        self.scales = tuple(scales)
+        self.center = center
+
+    def __call__(self, image: Image.Image) -> dict:
+        return {"center": center_view(image, self.center) if self.center is not None else None,
+                "scaled": [rescaled_view(image, scale) for scale in self.scales]}
+
+
+# --------------------------------------------------------------------------- the protocols
+
+
+def grid_crops(image: torch.Tensor, crop: int = CROP, grid: int = GRID, flip: bool = True) -> torch.Tensor:
+    """A ``grid`` x ``grid`` regular grid of crops of ``image`` (C, H, W), row by row, then their mirror images.
+
+    -> (grid * grid * (2 if flip else 1), C, crop, crop). A side of exactly ``crop``
+    pixels gives the same crop at every position along it.
+    """
+    height, width = image.shape[-2:]
+    if min(height, width) < crop:
+        raise ValueError(f"Image of {height}x{width} is smaller than the {crop} px crop; rescale it first.")
+    crops = torch.stack([image[:, top:top + crop, left:left + crop]
+                         for top in grid_offsets(height, crop, grid)
+                         for left in grid_offsets(width, crop, grid)])
+    return torch.cat([crops, crops.flip(-1)]) if flip else crops
+
+
+def center_probabilities(nets: InferenceNetworks, crops: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """uint8 centre crops (N, 3, 224, 224) -> softmax (N, classes) on the CPU."""
+    return torch.cat([nets.logits(nets.normalize(chunk)).softmax(-1).cpu() for chunk in crops.split(batch_size)])
+
+
+def flip_score_maps(nets: InferenceNetworks, view: torch.Tensor, flip: bool) -> torch.Tensor:
+    """uint8 (3, H, W) -> fc8 maps (1 or 2, classes, h, w) of the image and of its mirror image flipped back.
+
+    The image and its mirror image go through the network as one batch of two.
+    """
+    x = nets.normalize(view[None])
+    if not flip:
+        return nets.score_maps(x)
+    maps = nets.score_maps(torch.cat([x, x.flip(-1)]))
+    return torch.stack([maps[0], maps[1].flip(-1)])
+
+
+def dense_probabilities(nets: InferenceNetworks, views: Sequence[torch.Tensor], flip: bool = True) -> torch.Tensor:
+    """uint8 rescaled images (3, H_q, W_q), one per Q -> dense softmax (classes,) on the CPU.
+
+    Per Q the class score map is averaged spatially; softmax averaged over the flips, then over Q.
+    """
+    per_scale = [flip_score_maps(nets, view, flip).mean(dim=(2, 3)).softmax(-1).mean(0) for view in views]
+    return torch.stack(per_scale).mean(0).cpu()
+
+
+def multicrop_probabilities(nets: InferenceNetworks, views: Sequence[torch.Tensor], flip: bool = True,
+                            batch_size: int = 50) -> torch.Tensor:
+    """uint8 rescaled images, one per Q -> multi-crop softmax (classes,) on the CPU.
+
+    50 crops per Q (25 with ``flip=False``), run in batches of ``batch_size``; every
+    scale has the same number of crops, so the mean over all crops is the mean over Q.
+    """
+    crops = torch.cat([grid_crops(nets.normalize(view[None])[0], flip=flip) for view in views])
+    return torch.cat([nets.logits(chunk).softmax(-1) for chunk in crops.split(batch_size)]).mean(0).cpu()
+
+
+# --------------------------------------------------------------------------- one image, public
+
+
+def dense_predict(model: nn.Module, image: ImageSource, scales: int | Sequence[int] = PAPER_SCALES,
+                  flip: bool = True) -> torch.Tensor:
+    """The paper's dense evaluation of one image (PIL, path or array) -> softmax (classes,), float32 CPU.
+
+    ``model`` runs as it is (pass ``vggkit.optimize(model)`` for the fast runtime).
+    """
+    scales, image = check_scales(scales), load_image(image)
+    with inference_networks(model) as nets:
+        return dense_probabilities(nets, [rescaled_view(image, q) for q in scales], flip)
+
+
+def multicrop_predict(model: nn.Module, image: ImageSource, scales: int | Sequence[int] = PAPER_SCALES,
+                      flip: bool = True, batch_size: int = 50) -> torch.Tensor:
+    """The paper's multi-crop evaluation of one image: 50 crops per Q -> softmax (classes,), float32 CPU."""
+    scales, image = check_scales(scales), load_image(image)
+    with inference_networks(model) as nets:
+        return multicrop_probabilities(nets, [rescaled_view(image, q) for q in scales], flip, batch_size)
+
+
+def center_predict(model: nn.Module, image: ImageSource) -> torch.Tensor:
+    """Single centre crop with the weights' own resize/crop -> softmax (classes,), float32 CPU."""
+    image = load_image(image)
+    with inference_networks(model) as nets:
+        return center_probabilities(nets, center_view(image, nets.preprocess)[None])[0]
+
+
+def class_score_maps(model: nn.Module, image: ImageSource, scale: int = 384, flip: bool = False) -> torch.Tensor:
+    """Raw fc8 class score maps of one image rescaled to shortest side ``scale``.
+
+    -> float32 CPU tensor (classes, h, w) with h, w = floor(side / 32) - 6 of the rescaled
+    image. ``flip=True`` averages in the mirror image's map, flipped back.
+    """
+    (scale,), image = check_scales(scale), load_image(image)
+    with inference_networks(model) as nets:
+        return flip_score_maps(nets, rescaled_view(image, scale), flip).mean(0).cpu()
+
+
+def class_heatmap(model: nn.Module, image: ImageSource, class_index: int, scales: int | Sequence[int] = (384,),
+                  flip: bool = True) -> np.ndarray:
+    """Where one class is seen: float32 array (H, W) at the original image's size, values in [0, 1].
+
+    Per Q the class's softmax-probability map (averaged with the flipped-back mirror
+    image's when ``flip``), upsampled bilinearly to the image, then averaged over Q.
+    """
+    scales, image = check_scales(scales), load_image(image)
+    size = (image.height, image.width)
+    with inference_networks(model) as nets:
+        if not 0 <= class_index < nets.num_classes:
+            raise ValueError(f"class_index {class_index} is out of range for a {nets.num_classes}-class model.")
+        heatmap = torch.zeros(size, device=nets.runtime.device)
+        for scale in scales:
+            probability = flip_score_maps(nets, rescaled_view(image, scale), flip).softmax(1)[:, class_index].mean(0)
+            heatmap += F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        return (heatmap / len(scales)).cpu().numpy().astype(np.float32)
