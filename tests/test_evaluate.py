@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import vggkit
+from vggkit.evaluate import PROTOCOLS
 from vggkit.preprocess import CAFFE, IMAGENET
 from vggkit.protocols import (
     class_heatmap,
@@ -17,7 +18,7 @@ from vggkit.protocols import (
     multicrop_predict,
 )
 
-WIDTH = 1 / 16  # 32 channels in block 5, 256-unit fc6/fc7: every protocol runs in milliseconds
+WIDTH = 1 / 32  # 16 channels in block 5, 128-unit fc6/fc7: a 224 crop runs in a few milliseconds
 
 
 def tiny_model(num_classes: int = 10, name: str = "vgg11") -> vggkit.VGG:
@@ -111,8 +112,8 @@ def test_dense_runs_once_per_flip_and_multicrop_fifty_times():
     multicrop_predict(model, image, scales=384)
     assert counts == {"images": 50, "calls": 1}
     counts.update(images=0, calls=0)
-    multicrop_predict(model, image, scales=(256, 384, 512), batch_size=64)
-    assert counts == {"images": 150, "calls": 3}  # 150 crops in batches of 64
+    multicrop_predict(model, image, scales=(256, 384), batch_size=64)
+    assert counts == {"images": 100, "calls": 2}  # 100 crops in batches of 64
     handle.remove()
 
 
@@ -138,3 +139,116 @@ def test_inference_networks_leave_a_copy_untouched():
         assert nets.classifier is not model and not nets.classifier.training
         next(nets.classifier.parameters()).data.zero_()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- a dataset
+
+
+CLASSES = ("cat", "dog", "fox")
+# (height, width): square, portrait, exactly 224 wide, and a small landscape one that is upscaled
+SIZES = ((240, 240), (300, 230), (260, 224), (60, 80))
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    for index, (height, width) in enumerate(SIZES):
+        folder = root / CLASSES[index % len(CLASSES)]
+        folder.mkdir(exist_ok=True)
+        noise_image(height, width, seed=index).save(folder / f"image{index}.png")
+    return root
+
+
+def reference_probabilities(model, path, scales: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Section 3.2 written as plain loops over scales, flips and crop positions, one forward pass each."""
+    model.eval()
+    image = Image.open(path).convert("RGB")
+    dense_net = model.to_fully_conv()
+
+    def softmax(net, view: Image.Image) -> torch.Tensor:
+        with torch.no_grad():
+            scores = net(network_input(model, view))
+        return (scores.mean(dim=(2, 3)) if scores.dim() == 4 else scores)[0].softmax(-1)
+
+    with torch.no_grad():
+        center = model(model.preprocess(image)[None])[0].softmax(-1)
+    dense, multicrop = [], []
+    for q in scales:
+        scaled = TF.resize(image, q, antialias=True)
+        dense.append((softmax(dense_net, scaled) + softmax(dense_net, TF.hflip(scaled))) / 2)
+        for row in range(5):
+            for column in range(5):
+                top = int(np.floor(row * (scaled.height - 224) / 4 + 0.5))
+                left = int(np.floor(column * (scaled.width - 224) / 4 + 0.5))
+                crop = scaled.crop((left, top, left + 224, top + 224))
+                multicrop += [softmax(model, crop), softmax(model, TF.hflip(crop))]
+    dense, multicrop = torch.stack(dense).mean(0), torch.stack(multicrop).mean(0)
+    return {"center": center, "dense": dense, "multicrop": multicrop, "dense+multicrop": (dense + multicrop) / 2}
+
+
+def test_protocols_equal_a_plain_reference_loop(labelled_folder, tmp_path):
+    import csv
+
+    model = tiny_model(num_classes=3)
+    model.class_names = ["fox", "cat", "dog"]  # output order differs from the sorted folders
+    model.preprocess = CAFFE  # BGR, 0-255, Caffe mean: the weights' own preprocessing must be used
+    broken = labelled_folder / "dog" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    scales = (224, 256)
+    try:
+        with pytest.warns(UserWarning, match="broken.jpg"):
+            result = vggkit.evaluate(model, labelled_folder, protocol=list(PROTOCOLS), scales=scales,
+                                     workers=0, progress=False, predictions_csv=tmp_path / "predictions.csv")
+    finally:
+        broken.unlink()
+
+    samples = sorted(labelled_folder.glob("*/*.png"))
+    labels = torch.tensor([model.class_names.index(path.parent.name) for path in samples])
+    per_image = [reference_probabilities(model, path, scales) for path in samples]
+    reference = {p: torch.stack([probabilities[p] for probabilities in per_image]) for p in PROTOCOLS}
+    rows = list(csv.DictReader(open(result.predictions_csv)))
+    for protocol in PROTOCOLS:
+        top = reference[protocol].topk(3).indices
+        outcome = result[protocol]
+        assert outcome.n_images == len(samples) == 4
+        assert outcome.top_k == 3  # "top-5" of a 3-class model
+        assert outcome.top1_error == 100 * int((top[:, 0] != labels).sum()) / len(labels)
+        assert outcome.top5_error == 0.0
+        for c, name in enumerate(model.class_names):
+            assert outcome.per_class_accuracy[name] == 100 * int((top[labels == c, 0] == c).sum()) / int(
+                (labels == c).sum())
+        written = [row for row in rows if row["protocol"] == protocol]
+        assert [row["path"] for row in written] == [str(path) for path in samples]
+        assert [row["class1"] for row in written] == [model.class_names[i] for i in top[:, 0]]
+        np.testing.assert_allclose([float(row["probability1"]) for row in written],
+                                   reference[protocol].max(-1).values, atol=1e-5)
+    assert [path for path, _ in result.skipped] == [str(broken)]
+    assert result["multicrop"].scales == scales and result["center"].scales == (256,)
+    with pytest.raises(AttributeError, match="ran 4 protocols"):
+        result.top1_error
+    table = result.table()
+    assert "| dense + multi-crop | Q = 224,256 |" in table and "top-3 error (%)" in table
+
+
+def test_one_protocol_reads_as_attributes(labelled_folder):
+    result = vggkit.evaluate(tiny_model(num_classes=3), labelled_folder, protocol="center", workers=1,
+                             progress=False)
+    assert result.n_images == 4 and result.images_per_second > 0 and result.seconds > 0
+    assert 0 <= result.top1_error <= 100 and set(result.per_class_accuracy) <= set(CLASSES)
+
+
+def test_class_mismatch_and_empty_folders_are_clear_errors(labelled_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"The model has 5 outputs but .* has 3 class folders \(cat, dog, fox\)"):
+        vggkit.evaluate(tiny_model(num_classes=5), labelled_folder, workers=0)
+    named = tiny_model(num_classes=3)
+    named.class_names = ["cat", "dog", "wolf"]
+    with pytest.raises(ValueError, match=r"(?s)model \(3\): cat, dog, wolf.*folders \(3\): cat, dog, fox.*"
+                                         r"only in the model: wolf; only in the folders: fox"):
+        vggkit.evaluate(named, labelled_folder, workers=0)
+    for name in CLASSES:
+        (tmp_path / name).mkdir()
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"No images in .*: its 3 class folders hold no image files"):
+        vggkit.evaluate(tiny_model(num_classes=3), tmp_path, workers=0)
+    with pytest.raises(ValueError, match="Unknown protocol"):
+        vggkit.evaluate(tiny_model(num_classes=3), labelled_folder, protocol="ten-crop")

@@ -3,6 +3,7 @@
 from .backbone import VGGBackbone, backbone
 from .configs import PAPER_PARAMETERS, list_models, resolve
 from .model import VGG, FullyConvVGG
+from .evaluate import evaluate
 from .preprocess import Preprocess
 from .protocols import class_heatmap, class_score_maps, dense_predict
 from .runtime import optimize
@@ -22,5 +23,5 @@ __all__ = [
     "VGG", "FullyConvVGG", "VGGBackbone", "Preprocess", "WeightsError", "WeightsUnavailableError",
     "PAPER_PARAMETERS", "backbone", "count_parameters", "create_model", "effective_receptive_field",
     "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
-    "class_heatmap", "class_score_maps", "dense_predict",
+    "class_heatmap", "class_score_maps", "dense_predict", "evaluate",
 ]

@@ -1,0 +1,336 @@
+"""``evaluate``: the paper's test protocols over a class-folder dataset, with top-1/top-5 errors (Tables 3-5).
+
+One pass over the data serves every requested protocol: each file is read and
+decoded once (in DataLoader workers), rescaled to every Q, and the views go to
+the centre, dense and multi-crop protocols of ``vggkit.protocols``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data import FolderScan, ImageError, load_image, report_skipped, scan_folder
+from .protocols import (
+    PAPER_SCALES,
+    ProtocolViews,
+    as_vgg,
+    center_probabilities,
+    check_scales,
+    dense_probabilities,
+    InferenceNetworks,
+    inference_networks,
+    multicrop_probabilities,
+)
+
+PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
+PROTOCOL_TITLES = {"center": "centre crop", "dense": "dense", "multicrop": "multi-crop",
+                   "dense+multicrop": "dense + multi-crop"}
+TOP_K = 5
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """One protocol's errors (in %, as the paper reports them) and speed.
+
+    ``seconds`` is the pass's wall time had this protocol run alone: its own network
+    time plus the reading and decoding that all protocols of the pass share.
+    """
+
+    protocol: str
+    scales: tuple[int, ...]
+    top1_error: float
+    top5_error: float
+    n_images: int
+    per_class_accuracy: dict[str, float]
+    seconds: float
+    top_k: int = TOP_K  # min(5, classes): "top-5" with fewer than 5 classes is top-k
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Every protocol of one pass over a dataset: ``result["dense"].top1_error``.
+
+    With a single protocol its figures are also attributes: ``result.top1_error``.
+    """
+
+    protocols: dict[str, ProtocolResult]
+    classes: list[str]
+    flip: bool
+    runtime: str
+    seconds: float  # wall time of the whole pass
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    predictions_csv: Path | None = None
+
+    def __getitem__(self, protocol: str) -> ProtocolResult:
+        return self.protocols[protocol]
+
+    def _only(self) -> ProtocolResult:
+        if len(self.protocols) != 1:
+            raise AttributeError(f"This pass ran {len(self.protocols)} protocols; "
+                                 f"read one of them, e.g. result[{next(iter(self.protocols))!r}].top1_error.")
+        return next(iter(self.protocols.values()))
+
+    top1_error = property(lambda self: self._only().top1_error)
+    top5_error = property(lambda self: self._only().top5_error)
+    n_images = property(lambda self: self._only().n_images)
+    per_class_accuracy = property(lambda self: self._only().per_class_accuracy)
+    images_per_second = property(lambda self: self._only().images_per_second)
+
+    def table(self) -> str:
+        """The errors as a Markdown table shaped like the paper's Table 5: one row per protocol."""
+        k = min(r.top_k for r in self.protocols.values())
+        rows = [f"| protocol | scales | top-1 error (%) | top-{k} error (%) | images | images/s |",
+                "|---|---|---:|---:|---:|---:|"]
+        for result in self.protocols.values():
+            scales = "center" if result.protocol == "center" else "Q = " + ",".join(map(str, result.scales))
+            rows.append(f"| {PROTOCOL_TITLES[result.protocol]} | {scales} | {result.top1_error:.2f} | "
+                        f"{result.top5_error:.2f} | {result.n_images} | {result.images_per_second:.2f} |")
+        return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def check_protocols(protocol: str | Sequence[str]) -> list[str]:
+    """One protocol name or several -> a list without repeats; unknown names are an error listing the valid ones."""
+    protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ValueError(f"Unknown protocol(s) {unknown or protocols}; choose from {', '.join(PROTOCOLS)}.")
+    return list(dict.fromkeys(protocols))
+
+
+def _names(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def match_classes(model: nn.Module, data_dir: str | os.PathLike) -> FolderScan:
+    """Scan ``data_dir/<class>/<images>`` with labels in the model's output order.
+
+    A model with ``class_names`` must have exactly the folder's classes (in any order);
+    otherwise the folders, sorted, are taken as the output order (ImageNet val in
+    wnid folders sorted is torchvision's order), so their count must be the model's.
+    """
+    vgg = as_vgg(model)
+    scan = scan_folder(data_dir)
+    names = vgg.class_names
+    if names:
+        if sorted(names) != scan.classes:
+            only_model = sorted(set(names) - set(scan.classes))
+            only_folder = sorted(set(scan.classes) - set(names))
+            raise ValueError(
+                f"The model's classes do not match the class folders of {scan.root}.\n"
+                f"  model ({len(names)}): {_names(list(names))}\n"
+                f"  folders ({len(scan.classes)}): {_names(scan.classes)}\n"
+                f"  only in the model: {_names(only_model) or '-'}; only in the folders: {_names(only_folder) or '-'}.\n"
+                f"Evaluate on a folder with one sub-folder per model class.")
+        output_index = {name: i for i, name in enumerate(names)}
+        scan = FolderScan(scan.root, list(names),
+                          [(path, output_index[scan.classes[label]]) for path, label in scan.samples], scan.skipped)
+    elif len(scan.classes) != vgg.num_classes:
+        raise ValueError(
+            f"The model has {vgg.num_classes} outputs but {scan.root} has {len(scan.classes)} class folders "
+            f"({_names(scan.classes)}). Evaluate on a folder with one sub-folder per output class, "
+            f"or load weights made for these classes.")
+    if not scan.samples:
+        raise ValueError(f"No images in {scan.root}: its {len(scan.classes)} class folders hold no image files "
+                         f"(expected {scan.root}/<class>/<image>.jpg).")
+    return scan
+
+
+class ViewsDataset(Dataset):
+    """(path, label) samples -> {"index", "label", "center", "scaled"}, or {"index", "label", "error"}.
+
+    An unreadable file is returned as an error, to be reported and left out of the
+    errors, never replaced by another image.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], views: ProtocolViews) -> None:
+        self.samples, self.views = samples, views
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        try:
+            return {"index": index, "label": label, **self.views(load_image(path))}
+        except ImageError as error:
+            return {"index": index, "label": label, "error": error.reason}
+
+
+def as_list(batch: list[dict]) -> list[dict]:
+    """DataLoader collate: keep the images' views apart (their sizes differ)."""
+    return batch
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class TopK:
+    """The top-k classes and probabilities of every image of one protocol, in file order."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.indices: list[int] = []
+        self.labels: list[int] = []
+        self.classes: list[torch.Tensor] = []
+        self.probabilities: list[torch.Tensor] = []
+        self.top1_wrong = 0
+
+    def add(self, indices: list[int], labels: list[int], probabilities: torch.Tensor) -> None:
+        """One batch: sample indices, true labels, softmax (N, classes)."""
+        top = probabilities.topk(self.k, dim=-1)
+        self.indices += indices
+        self.labels += labels
+        self.classes.append(top.indices)
+        self.probabilities.append(top.values)
+        self.top1_wrong += int((top.indices[:, 0] != torch.tensor(labels)).sum())
+
+    @property
+    def top1_error(self) -> float:
+        return 100.0 * self.top1_wrong / max(1, len(self.labels))
+
+    def result(self, protocol: str, scales: tuple[int, ...], class_names: list[str],
+               seconds: float) -> ProtocolResult:
+        top, labels = torch.cat(self.classes), torch.tensor(self.labels)
+        hit1 = top[:, 0] == labels
+        hitk = (top == labels[:, None]).any(dim=1)
+        per_class = {class_names[c]: 100.0 * int(hit1[labels == c].sum()) / int((labels == c).sum())
+                     for c in labels.unique().tolist()}
+        n = len(labels)
+        return ProtocolResult(protocol, scales, 100.0 * (n - int(hit1.sum())) / n, 100.0 * (n - int(hitk.sum())) / n,
+                              n, per_class, seconds, self.k)
+
+
+def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequence[str] = "dense",
+             scales: int | Sequence[int] = PAPER_SCALES, flip: bool = True, batch_size: int = 50,
+             workers: int | None = None, precision: str = "auto", device: str | torch.device | None = None,
+             predictions_csv: str | os.PathLike | None = None, progress: bool = True) -> EvaluationResult:
+    """Evaluate ``model`` on a class-folder dataset with the paper's protocols (section 3.2).
+
+    ``protocol``: "center", "dense", "multicrop", "dense+multicrop", or a list of them,
+    all computed in one pass. ``scales``: the test scales Q of dense and multi-crop
+    (one int or several; softmax averaged over them). ``flip``: average in the mirror
+    images. ``batch_size``: crops per forward pass. The model runs as an inference copy
+    under ``vggkit.runtime`` (``precision``, ``device``) with its own preprocessing;
+    the model itself is not changed. ``predictions_csv`` writes every image's top-5
+    per protocol. Returns an ``EvaluationResult`` (errors in %).
+    """
+    protocols = check_protocols(protocol)
+    scales = check_scales(scales)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    scan = match_classes(model, data_dir)
+    report_skipped(scan.skipped)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+
+    with inference_networks(model, precision, device) as nets:
+        preprocess = nets.preprocess
+        views = ProtocolViews(scales if protocols != ["center"] else (),
+                              preprocess if "center" in protocols else None)
+        # Centre crops batch across images; dense and multi-crop run image by image.
+        images_per_batch = batch_size if protocols == ["center"] else 4
+        loader = DataLoader(ViewsDataset(scan.samples, views), batch_size=images_per_batch, num_workers=workers,
+                            collate_fn=as_list, pin_memory=nets.runtime.device.type == "cuda")
+        k = min(TOP_K, nets.num_classes)
+        tallies = {p: TopK(k) for p in protocols}
+        network_seconds = dict.fromkeys(("center", "dense", "multicrop"), 0.0)
+        failed: list[tuple[str, str]] = []
+        start = time.perf_counter()
+        with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar:
+            for loaded in loader:
+                failed += [(scan.samples[it["index"]][0], it["error"]) for it in loaded if "error" in it]
+                batch = [it for it in loaded if "error" not in it]
+                if batch:
+                    probabilities = batch_probabilities(nets, batch, protocols, flip, batch_size, network_seconds)
+                    for p in protocols:
+                        tallies[p].add([it["index"] for it in batch], [it["label"] for it in batch],
+                                       probabilities[p])
+                    bar.set_postfix({"top-1 err": f"{tallies[protocols[0]].top1_error:.1f}%"})
+                bar.update(len(loaded))
+        wall = time.perf_counter() - start
+        runtime = nets.runtime.describe()
+
+    report_skipped(failed)
+    if not tallies[protocols[0]].labels:
+        raise ValueError(f"None of the {len(scan.samples)} images in {scan.root} could be read.")
+    shared = max(0.0, wall - sum(network_seconds.values()))
+    network_seconds["dense+multicrop"] = network_seconds["dense"] + network_seconds["multicrop"]
+    results = {p: tallies[p].result(p, (preprocess.resize_size,) if p == "center" else scales, scan.classes,
+                                    network_seconds[p] + shared)
+               for p in protocols}
+    csv_path = write_predictions(predictions_csv, scan, tallies) if predictions_csv is not None else None
+    return EvaluationResult(results, scan.classes, flip, runtime, wall, scan.skipped + failed, csv_path)
+
+
+def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: list[str], flip: bool,
+                        batch_size: int, network_seconds: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Decoded views of a few images -> softmax (N, classes) per protocol; adds each network's time."""
+    def timed(network: str, compute) -> torch.Tensor:
+        tick = time.perf_counter()
+        probabilities = compute()  # on the CPU, so the device has finished
+        network_seconds[network] += time.perf_counter() - tick
+        return probabilities
+
+    probabilities: dict[str, torch.Tensor] = {}
+    if "center" in protocols:
+        crops = torch.stack([it["center"] for it in batch])
+        probabilities["center"] = timed("center", lambda: center_probabilities(nets, crops, batch_size))
+    if any(p in ("dense", "dense+multicrop") for p in protocols):
+        probabilities["dense"] = timed("dense", lambda: torch.stack(
+            [dense_probabilities(nets, it["scaled"], flip) for it in batch]))
+    if any(p in ("multicrop", "dense+multicrop") for p in protocols):
+        probabilities["multicrop"] = timed("multicrop", lambda: torch.stack(
+            [multicrop_probabilities(nets, it["scaled"], flip, batch_size) for it in batch]))
+    if "dense+multicrop" in protocols:
+        probabilities["dense+multicrop"] = (probabilities["dense"] + probabilities["multicrop"]) / 2
+    return probabilities
+
+
+def write_predictions(path: str | os.PathLike, scan: FolderScan, tallies: dict[str, TopK]) -> Path:
+    """One CSV row per image and protocol: path, true class, the top-k classes with their probabilities.
+
+    Written to a temporary file and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = next(iter(tallies.values())).k
+    header = ["path", "protocol", "true_class", "correct_top1", f"correct_top{k}"]
+    header += [f"{column}{i}" for i in range(1, k + 1) for column in ("class", "probability")]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for protocol, tally in tallies.items():
+                classes, probabilities = torch.cat(tally.classes).tolist(), torch.cat(tally.probabilities).tolist()
+                for index, label, top, top_probabilities in zip(tally.indices, tally.labels, classes, probabilities):
+                    cells = [scan.samples[index][0], protocol, scan.classes[label], int(top[0] == label),
+                             int(label in top)]
+                    for c, probability in zip(top, top_probabilities):
+                        cells += [scan.classes[c], f"{probability:.6f}"]
+                    writer.writerow(cells)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
