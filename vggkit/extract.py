@@ -1,0 +1,324 @@
+"""Feature extraction at any named layer, the paper's transfer descriptor, and linear probes.
+
+The paper's descriptor (its appendix on transfer learning): the image, isotropically
+rescaled to Q, runs through the dense (fully-convolutional) network; the fc7 map is
+averaged over positions and over the image and its mirror, L2-normalised, and the
+per-scale descriptors are averaged (VOC) or stacked (Caltech). A linear SVM on top,
+no fine-tuning: ``probe``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbone import VGGBackbone
+from .data import EvalTransform, ImageError, is_image_file, load_image, report_skipped, scan_folder
+from .model import VGG, check_layers
+from .runtime import optimize
+
+REDUCTIONS = ("mean", "stack", None)
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+@dataclass
+class Features:
+    """Extracted features and where they came from.
+
+    ``features``: (N, D) pooled (``reduce="mean"``: D = channels; ``"stack"``: D =
+    scales x channels), (N, S, D) with ``reduce=None``, or (N, C, h, w) maps;
+    ``labels``: (N,) int64 class indices, -1 where unknown; ``paths``: N sources.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    class_names: list[str]
+    layer: str
+    scales: tuple[int, ...]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (features, labels, paths, class_names, layer, scales), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+        try:
+            np.savez(tmp, features=self.features, labels=self.labels, paths=np.array(self.paths, dtype=str),
+                     class_names=np.array(self.class_names, dtype=str), layer=np.array(self.layer),
+                     scales=np.array(self.scales, dtype=np.int64))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Features":
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["features"], data["labels"], data["paths"].tolist(), data["class_names"].tolist(),
+                       str(data["layer"]), tuple(int(s) for s in data["scales"]))
+
+
+class LayerTap(nn.Module):
+    """(N, 3, H, W) -> the named layer's map (N, C, h, w).
+
+    fc6/fc7/fc8 run densely through ``model.to_fully_conv().fc_maps`` (the paper's dense
+    network; an input of at least 224 px); conv and pool layers through ``VGGBackbone``,
+    which runs only as deep as needed.
+    """
+
+    def __init__(self, model: VGG, layer: str) -> None:
+        super().__init__()
+        check_layers(model.spec, [layer])
+        self.layer = layer
+        if layer.startswith("fc"):
+            if not hasattr(model.classifier, "fc7"):
+                head = getattr(model, "head_config", {}).get("type")
+                raise ValueError(f"Layer {layer} needs the VGG classifier (fc6-fc8), but this model has a {head!r} "
+                                 f"head; use a conv or pool layer such as 'pool5'.")
+            self.dense = model.to_fully_conv().eval()
+        else:
+            self.tap = VGGBackbone(model, [layer]).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer.startswith("fc"):
+            return self.dense.fc_maps(self.dense.features(x))[self.layer]
+        return self.tap(x)[self.layer]
+
+
+class _ScaledImages(Dataset):
+    """Item i -> (i, [one (3, H, W) tensor per scale]) or (i, reason) when the image cannot be read."""
+
+    def __init__(self, sources: Sequence[ImageInput], transforms: list) -> None:
+        self.sources, self.transforms = sources, transforms
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.sources[index])
+        except ImageError as error:
+            return index, error.reason
+        return index, [transform(image) for transform in self.transforms]
+
+
+def _as_list(batch):
+    return batch
+
+
+def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tuple[str, str]]]:
+    """A class-folder tree, a flat folder of images, or a list of files/images -> (sources, labels, class names, skipped)."""
+    if isinstance(images_or_dir, (str, os.PathLike)) and Path(images_or_dir).is_dir():
+        root = Path(images_or_dir)
+        if any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir()):
+            scan = scan_folder(root)
+            paths = [path for path, _ in scan.samples]
+            return paths, np.array([label for _, label in scan.samples], dtype=np.int64), scan.classes, scan.skipped
+        files = sorted(str(p) for p in root.iterdir() if p.is_file() and is_image_file(p))
+        skipped = [(str(p), "not an image file (by extension)") for p in sorted(root.iterdir())
+                   if p.is_file() and not p.name.startswith(".") and not is_image_file(p)]
+        return files, np.full(len(files), -1, dtype=np.int64), [], skipped
+    if isinstance(images_or_dir, (str, os.PathLike, Image.Image, np.ndarray)):
+        images_or_dir = [images_or_dir]
+    sources = list(images_or_dir)
+    return sources, np.full(len(sources), -1, dtype=np.int64), [], []
+
+
+def _describe(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__} image>"
+
+
+def extract_features(
+    model_or_name: VGG | str | os.PathLike,
+    images_or_dir: str | os.PathLike | Sequence[ImageInput],
+    layer: str = "fc7",
+    scales: Sequence[int] = (256,),
+    flip: bool = False,
+    reduce: str | None = "mean",
+    pool: str | None = "avg",
+    normalize: bool = True,
+    crop: int | None = None,
+    weights: str | os.PathLike | None = "imagenet",
+    width: float | None = None,
+    batch_size: int = 16,
+    precision: str = "auto",
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Features:
+    """Features of ``layer`` for every image, batched through ``vggkit.runtime``.
+
+    Each image is rescaled (shortest side = Q for each Q in ``scales``; centre-cropped
+    to ``crop`` if given) and the layer's map is computed. ``pool="avg"`` averages it
+    over positions (and over the image and its mirror with ``flip``), L2-normalises it
+    (``normalize``) and combines scales by ``reduce``: ``"mean"`` -> (N, C), ``"stack"``
+    (concatenated, the paper's stacking) -> (N, S*C), None -> (N, S, C). With the
+    defaults at ``layer="fc7"`` this is the paper's descriptor. ``pool=None`` keeps the
+    maps (N, C, h, w): one scale, square crops (``crop`` defaults to the scale).
+
+    ``model_or_name``: a VGG, a vggkit checkpoint path, or a model name built with ``weights``
+    (default ``"imagenet"``; offline that raises ``WeightsUnavailableError``).
+    ``images_or_dir``: a folder of class folders (labels from the folders), a folder of
+    images, or a list of files / PIL images / arrays. Unreadable images are skipped with
+    one warning.
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"Unknown reduce {reduce!r}; choose from {REDUCTIONS}.")
+    if pool not in ("avg", None):
+        raise ValueError(f"pool must be 'avg' (average over positions) or None (keep the maps), got {pool!r}.")
+    scales = tuple(int(s) for s in scales)
+    if not scales:
+        raise ValueError("scales must name at least one image scale Q, e.g. (256,).")
+    if pool is None:
+        if len(scales) != 1:
+            raise ValueError(f"Maps (pool=None) of different scales do not stack; give one scale, not {scales}.")
+        crop = crop or scales[0]
+    model = _as_model(model_or_name, weights, width)
+    fast = optimize(LayerTap(model, layer), precision=precision, device=device)
+    sources, labels, class_names, skipped = resolve_images(images_or_dir)
+    transforms = [EvalTransform(scale=q, crop=crop, preprocess=model.preprocess) for q in scales]
+    loader = DataLoader(_ScaledImages(sources, transforms), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_list)
+
+    kept: list[int] = []
+    outputs: list[np.ndarray] = []
+    for batch in tqdm(loader, desc=f"extract {layer}", disable=not progress):
+        readable = [(i, views) for i, views in batch if not isinstance(views, str)]
+        skipped += [(_describe(sources[i]), views) for i, views in batch if isinstance(views, str)]
+        per_scale = [_run_grouped(fast, [views[s] for _, views in readable], flip, pool) for s in range(len(scales))]
+        kept += [i for i, _ in readable]
+        outputs += [np.stack([per_scale[s][k] for s in range(len(scales))]) for k in range(len(readable))]
+    report_skipped(skipped)
+    if not outputs:
+        raise ValueError(f"None of the {len(sources)} image(s) given could be read; see the warning above.")
+    features = np.stack(outputs)  # (N, S, C) pooled or (N, 1, C, h, w) maps
+    if pool is None:
+        features = features[:, 0]
+    else:
+        if normalize:
+            features = features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+        if reduce == "mean":
+            features = features.mean(axis=1)
+        elif reduce == "stack":
+            features = features.reshape(len(features), -1)
+    return Features(features.astype(np.float32), labels[kept], [_describe(sources[i]) for i in kept],
+                    list(class_names or getattr(model, "class_names", None) or []), layer, scales)
+
+
+def _as_model(model_or_name, weights, width) -> VGG:
+    if isinstance(model_or_name, nn.Module):
+        return model_or_name
+    if Path(str(model_or_name)).is_file():
+        from .predict import load
+
+        return load(model_or_name)
+    from .weights import create_model
+
+    return create_model(str(model_or_name), weights=weights, width=width)
+
+
+@torch.no_grad()
+def _run_grouped(fast: nn.Module, images: list[torch.Tensor], flip: bool, pool: str | None) -> list[np.ndarray]:
+    """Run same-sized images together; per image (C,) pooled or (C, h, w) maps, mirror-averaged with ``flip``."""
+    results: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    for members in groups.values():
+        batch = torch.stack([images[k] for k in members])
+        maps = fast(torch.cat([batch, batch.flip(-1)]) if flip else batch).cpu()
+        if pool == "avg":
+            out = maps.mean(dim=(2, 3))
+            out = (out[: len(members)] + out[len(members):]) / 2 if flip else out
+        else:
+            # The mirror's map is flipped back so positions line up before averaging.
+            out = (maps[: len(members)] + maps[len(members):].flip(-1)) / 2 if flip else maps
+        for k, row in zip(members, out.numpy()):
+            results[k] = row
+    return results
+
+
+class ProbeResult(NamedTuple):
+    """``estimator``: fitted on all the given features; ``report``: cross-validation and test figures."""
+
+    estimator: object
+    report: dict
+
+
+def probe(features: np.ndarray | Features, labels: np.ndarray | None = None, method: str = "svm",
+          Cs: Sequence[float] = tuple(10.0 ** np.arange(-3, 4)), cv: int = 5,
+          test_features: np.ndarray | Features | None = None, test_labels: np.ndarray | None = None,
+          seed: int = 0) -> ProbeResult:
+    """A linear classifier on fixed features, the paper's transfer protocol.
+
+    ``method="svm"`` (linear SVM) or ``"logreg"`` (logistic regression); C is chosen by
+    stratified ``cv``-fold cross-validation over ``Cs``, then the estimator is refit on
+    all of ``features`` (N, ...) flattened to (N, D). The report holds the chosen C,
+    cross-validated accuracy, training accuracy and, with test data, test accuracy,
+    mean class recall (the paper's Caltech measure) and the confusion matrix.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.svm import LinearSVC
+
+    X, y = _features_and_labels(features, labels, "features")
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    if len(counts) < 2:
+        raise ValueError("A probe needs at least two classes in the labels.")
+    folds = min(cv, int(counts.min()))
+    if folds < 2:
+        raise ValueError(f"Cross-validation needs at least two examples of every class; the smallest class has "
+                         f"{int(counts.min())}.")
+    if method == "svm":
+        estimator = LinearSVC(dual="auto", max_iter=20000, random_state=seed)
+    elif method == "logreg":
+        estimator = LogisticRegression(max_iter=5000)
+    else:
+        raise ValueError(f"Unknown probe method {method!r}; choose 'svm' or 'logreg'.")
+    search = GridSearchCV(estimator, {"C": list(Cs)}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                          scoring="accuracy", refit=True)
+    search.fit(X, y)
+    best = search.best_index_
+    report = {
+        "method": method,
+        "C": float(search.best_params_["C"]),
+        "cv_folds": folds,
+        "cv_accuracy": float(search.cv_results_["mean_test_score"][best]),
+        "cv_accuracy_std": float(search.cv_results_["std_test_score"][best]),
+        "train_accuracy": float(accuracy_score(y, search.predict(X))),
+        "n_samples": int(len(y)),
+        "n_features": int(X.shape[1]),
+    }
+    if test_features is not None:
+        X_test, y_test = _features_and_labels(test_features, test_labels, "test_features")
+        predicted = search.predict(X_test)
+        report.update(test_accuracy=float(accuracy_score(y_test, predicted)),
+                      mean_class_recall=float(balanced_accuracy_score(y_test, predicted)),
+                      confusion_matrix=confusion_matrix(y_test, predicted, labels=search.classes_).tolist())
+    return ProbeResult(search.best_estimator_, report)
+
+
+def _features_and_labels(features, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(features, Features):
+        labels = features.labels if labels is None else labels
+        features = features.features
+    if labels is None:
+        raise ValueError(f"{name} need labels: pass labels=..., or Features extracted from class folders.")
+    X = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    y = np.asarray(labels, dtype=np.int64)
+    if len(X) != len(y):
+        raise ValueError(f"{name}: {len(X)} feature rows but {len(y)} labels.")
+    if (y < 0).any():
+        raise ValueError(f"{name}: some labels are unknown (-1); extract from a folder of class folders.")
+    return X, y

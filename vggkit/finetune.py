@@ -1,0 +1,455 @@
+"""Transfer learning on a folder of images: ``finetune(data_dir, num_classes=2)``.
+
+The loop a reader can follow top to bottom: scan and split the folder (bad files
+skipped with one warning, empty classes refused before any training), build the
+model with a head, freeze by strategy, train with early stopping on validation,
+restore the best epoch, measure, write an atomic checkpoint and the plots.
+
+With a frozen backbone (``strategy="head"``) the backbone's pool5 for each image and
+its mirror is computed once (``FeatureCache``) and every epoch trains only the head;
+``cache_features=False`` recomputes it each epoch, the plain recipe, for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import EvalTransform, FolderScan, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
+from .feature_cache import FeatureCache, FlipViews
+from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
+from .model import VGG
+from .runtime import choose_runtime, optimize
+from .weights import create_model, save_checkpoint
+
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+Samples = list[tuple[str, int]]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSplits:
+    """Class names and the (path, label) samples of each split; what was skipped and why."""
+
+    classes: list[str]
+    train: Samples
+    val: Samples
+    test: Samples = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def stratified_split(samples: Samples, num_classes: int, val_fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Split per class with a fixed seed; every class with two or more images gets at least one val image."""
+    rng = random.Random(seed)
+    train: Samples = []
+    val: Samples = []
+    for label in range(num_classes):
+        members = [s for s in samples if s[1] == label]
+        rng.shuffle(members)
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1) if len(members) >= 2 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, val_fraction: float = 0.2,
+                   seed: int = 0, verify: bool = True) -> DataSplits:
+    """Scan ``data_dir`` (``train/``, ``val/``, ``test/`` of class folders, or class folders directly).
+
+    Without a ``val/`` folder the training images are split per class (``val_fraction``,
+    ``seed``). Raises ``ValueError`` before any training when ``num_classes`` disagrees
+    with the folders, or a class has no usable image.
+    """
+    splits = find_splits(data_dir)
+    train_scan = scan_folder(splits.get("train", data_dir), verify=verify)
+    classes = train_scan.classes
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"num_classes={num_classes}, but {train_scan.root} holds {len(classes)} class folder(s): "
+                         f"{', '.join(classes)}. Pass num_classes={len(classes)} or fix the folders.")
+    scans = {"train": train_scan}
+    for split in ("val", "test"):
+        if split in splits:
+            scan = scan_folder(splits[split], classes=classes, verify=verify)
+            unknown = sorted(d.name for d in splits[split].iterdir()
+                             if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+            if unknown:
+                raise ValueError(f"{splits[split]} has class folder(s) {unknown} that {train_scan.root} lacks; "
+                                 f"the training classes are: {', '.join(classes)}.")
+            scans[split] = scan
+    skipped = [item for scan in scans.values() for item in scan.skipped]
+    _check_classes(train_scan, skipped)
+    if "val" in scans:
+        train, val = train_scan.samples, scans["val"].samples
+    else:
+        train, val = stratified_split(train_scan.samples, len(classes), val_fraction, seed)
+        single = [name for name, count in train_scan.counts().items() if count == 1]
+        if single:
+            warnings.warn(f"Class(es) {single} have a single image: it is used for training only, so validation "
+                          f"says nothing about them. Add images or a val/ folder.", stacklevel=3)
+    if not val:
+        raise ValueError(f"No validation images in {data_dir}: give each class at least two images, "
+                         f"or add a val/ folder of class folders.")
+    test = scans["test"].samples if "test" in scans else []
+    return DataSplits(classes, train, val, test, skipped)
+
+
+def _check_classes(scan: FolderScan, skipped: list[tuple[str, str]]) -> None:
+    counts = scan.counts()
+    empty = [name for name, count in counts.items() if count == 0]
+    if not empty:
+        return
+    if len(empty) == len(counts):
+        raise ValueError(f"No usable images in {scan.root} (class folders: {', '.join(scan.classes)}). "
+                         f"Expected {scan.root}/<class>/<image files>.")
+    why = "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10])
+    raise ValueError(f"Class folder(s) {empty} in {scan.root} hold no usable image; add images or remove the "
+                     f"folder(s).{' Skipped:' + why if why else ''}")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class FrozenBackboneBatches:
+    """Head-only inputs: pool5 of fixed views (image, mirror), from a ``FeatureCache`` or recomputed.
+
+    Both paths draw the same shuffles and views from the same generator, so with one
+    seed they feed the head the same batches; only the cost differs.
+    """
+
+    def __init__(self, backbone, samples: Samples, transform, views: int, batch_size: int,
+                 cache: str | None, cache_dir: Path, name: str, num_workers: int, progress: bool) -> None:
+        self.backbone = backbone
+        self.dataset = FlipViews(samples, transform, views)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.cache = None
+        if cache is not None:
+            self.cache = FeatureCache.build(backbone, self.dataset, batch_size, storage=cache, cache_dir=cache_dir,
+                                            name=name, num_workers=num_workers, progress=progress)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset.images) // self.batch_size)
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(pool5 (B, C, h, w), labels (B,)); shuffled with random views when a generator is given."""
+        count = len(self.dataset.images)
+        if generator is None:
+            items = torch.arange(count) * self.dataset.views
+        else:
+            order = torch.randperm(count, generator=generator)
+            views = torch.randint(self.dataset.views, (count,), generator=generator)
+            items = self.dataset.item_index(order, views)
+        chunks = list(items.split(self.batch_size))
+        if self.cache is not None:
+            yield from (self.cache.batch(chunk) for chunk in chunks)
+            return
+        loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers)
+        with torch.no_grad():
+            for images, labels in loader:
+                yield self.backbone(images), labels
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+class ImageBatches:
+    """Image inputs for the strategies that train conv layers: augmented for training, fixed for eval."""
+
+    def __init__(self, samples: Samples, transform, batch_size: int, num_workers: int, shuffle: bool,
+                 seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(ImageListDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,
+                                 num_workers=num_workers, generator=self.generator if shuffle else None,
+                                 drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def batches(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self.loader
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` gives back.
+
+    ``model``: the float32 model at its best validation epoch (eval mode, class names set);
+    ``history``: one dict per epoch (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
+    ``lr``, ``seconds``; epoch 1's ``seconds`` include building the feature cache);
+    ``metrics``: on the test split if there is one, else validation (``accuracy``,
+    per-class ``precision``/``recall``, ``confusion_matrix``); ``checkpoint``: its path;
+    ``plots``: PNG paths next to it.
+    """
+
+    model: VGG
+    history: list[dict]
+    metrics: dict
+    checkpoint: Path
+    plots: dict[str, Path]
+    class_names: list[str]
+    config: dict
+    best_epoch: int
+    cache_storage: str | None = None
+    cache_seconds: float = 0.0
+
+    @property
+    def epoch_seconds(self) -> list[float]:
+        return [row["seconds"] for row in self.history]
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, class_names: list[str], split: str) -> dict:
+    """Accuracy, per-class precision/recall/support and the confusion matrix (rows true), as plain Python."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    indices = list(range(len(class_names)))
+    precision, recall, _, support = precision_recall_fscore_support(labels, predictions, labels=indices,
+                                                                    zero_division=0)
+    return {
+        "split": split,
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision": {name: float(p) for name, p in zip(class_names, precision)},
+        "recall": {name: float(r) for name, r in zip(class_names, recall)},
+        "support": {name: int(s) for name, s in zip(class_names, support)},
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=indices).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_model(model: str, weights, num_classes: int, head: str, width: float | None, dropout: float,
+                hidden: int, image_size: int | None) -> VGG:
+    """A VGG with loaded ``weights`` and a fresh ``num_classes`` head; preprocessing resized to ``image_size``."""
+    vgg = create_model(model, weights=weights, num_classes=num_classes, width=width, dropout=dropout)
+    attach_head(vgg, head, num_classes, hidden=hidden, dropout=dropout)
+    if image_size is not None:
+        # Keep the weights' normalisation; scale the resize side with the crop (256/224 for 224).
+        ratio = vgg.preprocess.resize_size / vgg.preprocess.input_size
+        vgg.preprocess = dataclasses.replace(vgg.preprocess, input_size=image_size,
+                                             resize_size=int(round(image_size * ratio)))
+    return vgg
+
+
+def run_epoch(model: VGG, batches, forward, device: torch.device, optimizer=None, generator=None,
+              progress: bool = False, description: str = "") -> tuple[float, float, np.ndarray, np.ndarray]:
+    """One pass: mean loss, accuracy, labels and predictions. Trains when an ``optimizer`` is given."""
+    total_loss, seen, correct, labels_seen, predicted = 0.0, 0, 0, [], []
+    bar = tqdm(batches.batches(generator), total=len(batches), desc=description, disable=not progress, leave=False)
+    with torch.set_grad_enabled(optimizer is not None):
+        for inputs, labels in bar:
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = forward(inputs)
+            loss = F.cross_entropy(logits, labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            labels_seen.append(labels.cpu())
+            predicted.append(logits.argmax(1).cpu())
+            total_loss += loss.item() * len(labels)
+            seen += len(labels)
+            correct += int((predicted[-1] == labels_seen[-1]).sum())
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if not labels_seen:
+        raise ValueError(f"No batches to {description or 'run'}: the split is empty.")
+    labels_all, predicted_all = torch.cat(labels_seen).numpy(), torch.cat(predicted).numpy()
+    return total_loss / len(labels_all), float((labels_all == predicted_all).mean()), labels_all, predicted_all
+
+
+def _trainable_state(model: VGG, frozen: int) -> dict[str, torch.Tensor]:
+    """A copy of the weights that change in training (head and unfrozen conv layers)."""
+    frozen_names = {name for name, _ in list(model.features.named_children())[:frozen]}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not (k.startswith("features.") and k.split(".")[1] in frozen_names)}
+
+
+def finetune(
+    data_dir: str | os.PathLike,
+    num_classes: int | None = None,
+    *,
+    model: str = "vgg16",
+    weights: str | os.PathLike | None = "imagenet",
+    head: str = "vgg",
+    strategy: str = "head",
+    unfreeze_blocks: int = 2,
+    epochs: int = 20,
+    batch_size: int = 32,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    backbone_lr_scale: float = 0.1,
+    weight_decay: float = 5e-4,
+    dropout: float = 0.5,
+    hidden: int = 512,
+    width: float | None = None,
+    image_size: int | None = None,
+    flip: bool = True,
+    val_fraction: float = 0.2,
+    patience: int = 5,
+    cache_features: bool | str = True,
+    output_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    verify_images: bool = True,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune a VGG on ``data_dir`` (class folders, or ``train/``/``val/``[``/test/``] of class folders).
+
+    ``weights``: ``"imagenet"`` (default; offline it raises ``WeightsUnavailableError``
+    saying where to put the file), ``None`` (random init) or a weight file.
+    ``head``: ``"vgg"`` (fc6/fc7 kept, new fc8), ``"linear"`` or ``"mlp"``.
+    ``strategy``: ``"head"`` (frozen backbone; its features cached when ``cache_features``
+    is True/``"memory"``/``"disk"``), ``"partial"`` (the last ``unfreeze_blocks`` conv
+    blocks train too) or ``"full"``; conv layers train at ``lr * backbone_lr_scale``.
+    ``image_size`` sets the square training crop (default: the weights' own, 224) and
+    ``width`` the channel multiplier. Training stops after ``patience`` epochs without a
+    better validation accuracy and keeps the best epoch. Writes ``model.pth``,
+    ``training_curves.png`` and ``confusion_matrix.png`` to ``output_dir``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}.")
+    if cache_features not in (True, False, "auto", "memory", "disk"):
+        raise ValueError(f"cache_features must be True, False, 'memory' or 'disk', got {cache_features!r}.")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    data_dir = Path(data_dir)
+    output_dir = Path(output_dir) if output_dir is not None else Path("vggkit_runs") / f"{data_dir.name}-{model}"
+    splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
+    report_skipped(splits.skipped)
+    num_classes = len(splits.classes)
+
+    net = build_model(model, weights, num_classes, head, width, dropout, hidden, image_size)
+    net.class_names = list(splits.classes)
+    frozen = frozen_prefix(net, strategy, unfreeze_blocks)
+    freeze(net, frozen)
+    runtime = choose_runtime(device=device)
+    net.to(runtime.device)
+    preprocess = net.preprocess
+    eval_transform = EvalTransform(scale=preprocess.resize_size, crop=preprocess.input_size, preprocess=preprocess)
+
+    cache_storage = None
+    cache_start = time.perf_counter()
+    if strategy == "head":
+        backbone = optimize(net.features, device=runtime.device)
+        cache_storage = None if cache_features is False else ("auto" if cache_features is True else cache_features)
+        cache_dir = output_dir / "feature_cache"
+        common = dict(batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+        train_batches = FrozenBackboneBatches(backbone, splits.train, eval_transform, 2 if flip else 1,
+                                              cache=cache_storage, name="train", **common)
+        val_batches = FrozenBackboneBatches(backbone, splits.val, eval_transform, 1, cache=cache_storage,
+                                            name="val", **common)
+        if train_batches.cache is not None:
+            cache_storage = train_batches.cache.storage
+
+        def forward(pool5: torch.Tensor) -> torch.Tensor:
+            return net.forward_head(pool5)
+    else:
+        train_transform = TrainTransform(scale=(preprocess.resize_size, int(round(preprocess.resize_size * 1.5))),
+                                         crop=preprocess.input_size, flip=flip, preprocess=preprocess)
+        train_batches = ImageBatches(splits.train, train_transform, batch_size, num_workers, shuffle=True, seed=seed)
+        val_batches = ImageBatches(splits.val, eval_transform, batch_size, num_workers, shuffle=False, seed=seed)
+        frozen_layers, trained_layers = net.features[:frozen], net.features[frozen:]
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # no activations kept for the frozen blocks
+                features = frozen_layers(images)
+            return net.forward_head(trained_layers(features))
+    cache_seconds = time.perf_counter() - cache_start if cache_storage else 0.0
+
+    lr = lr if lr is not None else DEFAULT_LR[optimizer]
+    groups = parameter_groups(net, frozen, lr, backbone_lr_scale)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    # The paper's schedule: divide the learning rate by 10 when validation accuracy stops improving.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1,
+                                                           patience=max(1, patience // 2))
+    generator = torch.Generator().manual_seed(seed)
+
+    history: list[dict] = []
+    best_key, best_epoch, best_state, stale = None, 0, None, 0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        set_train_mode(net, frozen)
+        train_loss, train_acc, _, _ = run_epoch(net, train_batches, forward, runtime.device, opt, generator,
+                                                progress, f"epoch {epoch}/{epochs} train")
+        net.eval()
+        val_loss, val_acc, _, _ = run_epoch(net, val_batches, forward, runtime.device, progress=progress,
+                                            description=f"epoch {epoch}/{epochs} val")
+        seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                        "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+        if progress:
+            tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
+                       f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
+        key = (val_acc, -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, best_state, stale = key, epoch, _trainable_state(net, frozen), 0
+        else:
+            stale += 1
+        if stale >= patience:
+            break
+        scheduler.step(val_acc)
+    net.load_state_dict(best_state, strict=False)
+    net.eval()
+
+    if splits.test:
+        if strategy == "head":
+            test_batches = FrozenBackboneBatches(backbone, splits.test, eval_transform, 1, cache=None, name="test",
+                                                 batch_size=batch_size, cache_dir=output_dir,
+                                                 num_workers=num_workers, progress=progress)
+        else:
+            test_batches = ImageBatches(splits.test, eval_transform, batch_size, num_workers, shuffle=False,
+                                        seed=seed)
+        _, _, labels, predictions = run_epoch(net, test_batches, forward, runtime.device, description="test")
+        split = "test"
+    else:
+        _, _, labels, predictions = run_epoch(net, val_batches, forward, runtime.device, description="val")
+        split = "val"
+    metrics = classification_metrics(labels, predictions, splits.classes, split)
+    train_batches.close()
+    val_batches.close()
+
+    config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
+              "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
+              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+              "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
+              "image_size": preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
+              "patience": patience, "cache_features": cache_storage, "seed": seed}
+    net.weights_info = {"source": f"finetuned on {data_dir}", "from": config["weights"], "best_epoch": best_epoch,
+                        "accuracy": metrics["accuracy"]}
+    checkpoint = save_checkpoint(net, output_dir / "model.pth", head=net.head_config, finetune=config,
+                                 history=history, metrics=metrics)
+    from .plots import plot_confusion_matrix, plot_training_curves
+
+    plots = {"training_curves": output_dir / "training_curves.png",
+             "confusion_matrix": output_dir / "confusion_matrix.png"}
+    plot_training_curves(history, plots["training_curves"], metrics=["loss", "acc"],
+                         title=f"{net.name}, {head} head, {strategy}")
+    plot_confusion_matrix(metrics["confusion_matrix"], splits.classes, plots["confusion_matrix"],
+                          title=f"Confusion matrix ({split})")
+    return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
+                          cache_storage, cache_seconds)
