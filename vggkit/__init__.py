@@ -4,6 +4,9 @@ from .backbone import VGGBackbone, backbone
 from .configs import PAPER_PARAMETERS, list_models, resolve
 from .model import VGG, FullyConvVGG
 from .evaluate import evaluate
+from .extract import Features, extract_features, probe
+from .finetune import FinetuneResult, finetune
+from .predict import load, predict
 from .preprocess import Preprocess
 from .protocols import class_heatmap, class_score_maps, dense_predict
 from .runtime import optimize
@@ -24,4 +27,5 @@ __all__ = [
     "PAPER_PARAMETERS", "backbone", "count_parameters", "create_model", "effective_receptive_field",
     "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
     "class_heatmap", "class_score_maps", "dense_predict", "evaluate",
+    "Features", "FinetuneResult", "extract_features", "finetune", "load", "predict", "probe",
 ]
