@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import pickle
 import urllib.error
-import zipfile
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ def read_weights_file(path: str | os.PathLike) -> dict:
         except Exception as error:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{path} is not a valid .safetensors file ({error}).") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _torch_load(path)
     except pickle.UnpicklingError as error:
         raise WeightsError(
             f"{path} holds Python objects other than tensors, which vggkit refuses to unpickle "
@@ -74,7 +73,7 @@ def read_weights_file(path: str | os.PathLike) -> dict:
             f"If you trust the file, re-save only its weights: "
             f"torch.save(obj.state_dict(), 'weights.pth')."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+    except Exception as error:  # the unpickler fails in many ways on a file that is not a checkpoint
         raise WeightsError(
             f"{path} is not a PyTorch weight file ({type(error).__name__}: {str(error).splitlines()[0]}). "
             f"Pass a .pth/.pt state dict, a .safetensors file or a vggkit checkpoint."
@@ -82,6 +81,17 @@ def read_weights_file(path: str | os.PathLike) -> dict:
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors.")
     return loaded
+
+
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``, memory-mapped where the file format allows (zip files)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error) and "zip" not in str(error):
+            raise
+        # Legacy (pre-1.6, non-zip) files, as some Caffe ports are, cannot be memory-mapped.
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def unwrap_checkpoint(loaded: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -318,41 +328,52 @@ def load_timm(name: str) -> tuple[dict, Preprocess, dict]:
 # --------------------------------------------------------------------------- into a model
 
 
-def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = None,
-                 progress: bool = True) -> VGG:
-    """Load ``weights`` (``"imagenet"``, ``"caffe"``, ``"timm"`` or a file path) into ``model`` in place.
+RELEASES = ("imagenet", "caffe", "timm")
 
-    Sets ``model.preprocess`` and ``model.weights_info``. A published release given
-    to a model with another class count keeps everything but a fresh fc8.
-    """
-    release = str(weights).lower() if isinstance(weights, str) else None
-    if release in ("imagenet", "caffe", "timm"):
-        loader = {"imagenet": load_imagenet, "caffe": load_caffe, "timm": lambda n, progress: load_timm(n)}
-        state, preprocess, info = loader[release](model.name, progress=progress)
-        meta: dict = {}
-        state_layout = layout or detect_layout(state)
-        if model.num_classes != 1000:
-            # Transfer learning: the release's 1000-way fc8 is replaced by a fresh one.
-            fc8 = {k: v for k, v in model.state_dict().items() if k.startswith("classifier.fc8.")}
-            reference = VGG(model.spec, num_classes=1000, width=model.width)
-            converted = convert_state_dict(state, reference, state_layout)
-            converted.update(fc8)
-            info["fc8"] = f"new {model.num_classes}-way layer"
-        else:
-            converted = convert_state_dict(state, model, state_layout)
+
+def _is_release(weights) -> bool:
+    return isinstance(weights, str) and weights.lower() in RELEASES
+
+
+def _read_release(name: str, release: str, progress: bool) -> tuple[dict, Preprocess, dict]:
+    if release == "imagenet":
+        return load_imagenet(name, progress=progress)
+    if release == "caffe":
+        return load_caffe(name, progress=progress)
+    return load_timm(name)
+
+
+def _read_path(weights: str | os.PathLike, layout: str | None) -> tuple[dict, dict, Preprocess, dict]:
+    """A weight file -> (state dict, metadata, its preprocessing, info)."""
+    path = Path(weights)
+    if not path.exists() and isinstance(weights, str) and os.sep not in weights and "." not in weights:
+        raise ValueError(f"Unknown weights {weights!r}: use None, 'imagenet', 'caffe', 'timm' or a file path.")
+    state, meta = unwrap_checkpoint(read_weights_file(path))
+    if meta.get("preprocess"):
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+    elif path.name in CAFFE_PORT_FILES or (layout or detect_layout(state)) == "caffe":
+        preprocess = CAFFE
     else:
-        path = Path(weights)
-        if not path.exists() and isinstance(weights, str) and os.sep not in weights and "." not in weights:
-            raise ValueError(f"Unknown weights {weights!r}: use None, 'imagenet', 'caffe', 'timm' or a file path.")
-        state, meta = unwrap_checkpoint(read_weights_file(path))
+        preprocess = IMAGENET
+    info = {"source": str(path), **{k: meta[k] for k in ("accuracy", "metrics") if k in meta}}
+    return state, meta, preprocess, info
+
+
+def _apply(model: VGG, state: dict, meta: dict, preprocess: Preprocess, info: dict, layout: str | None,
+           fresh_fc8: bool = False) -> VGG:
+    """Load a read state dict into ``model`` (strict) and attach its preprocessing and info."""
+    layout = layout or detect_layout(state)
+    if fresh_fc8:
+        # Transfer learning from a release: its 1000-way fc8 is replaced by a fresh layer.
+        reference = VGG(model.spec, num_classes=1000, width=model.width).to("meta")
+        converted = convert_state_dict(state, reference, layout)
+        fc8 = nn.Linear(model.classifier.fc8.in_features, model.num_classes)
+        nn.init.normal_(fc8.weight, 0.0, 0.01)
+        nn.init.zeros_(fc8.bias)
+        converted.update({f"classifier.fc8.{k}": v for k, v in fc8.state_dict().items()})
+        info = {**info, "fc8": f"new {model.num_classes}-way layer"}
+    else:
         converted = convert_state_dict(state, model, layout)
-        if meta.get("preprocess"):
-            preprocess = Preprocess.from_dict(meta["preprocess"])
-        elif path.name in CAFFE_PORT_FILES or (layout or detect_layout(state)) == "caffe":
-            preprocess = CAFFE
-        else:
-            preprocess = IMAGENET
-        info = {"source": str(path), **{k: meta[k] for k in ("accuracy",) if k in meta}}
     model.load_state_dict(converted, strict=True)
     model.preprocess = preprocess
     model.weights_info = info
@@ -361,11 +382,27 @@ def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = No
     return model
 
 
+def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = None,
+                 progress: bool = True) -> VGG:
+    """Load ``weights`` (``"imagenet"``, ``"caffe"``, ``"timm"`` or a file path) into ``model`` in place.
+
+    Sets ``model.preprocess`` and ``model.weights_info``. A published release given
+    to a model with another class count keeps everything but a fresh fc8.
+    """
+    if _is_release(weights):
+        state, preprocess, info = _read_release(model.name, weights.lower(), progress)
+        return _apply(model, state, {}, preprocess, info, layout, fresh_fc8=model.num_classes != 1000)
+    state, meta, preprocess, info = _read_path(weights, layout)
+    return _apply(model, state, meta, preprocess, info, layout)
+
+
 def checkpoint_metadata(path: str | os.PathLike) -> dict:
     """Model name, class count and width stored in a file (vggkit checkpoints), or guessed from its keys."""
     state, meta = unwrap_checkpoint(read_weights_file(path))
-    if meta:
-        return meta
+    return meta or _guess_metadata(state)
+
+
+def _guess_metadata(state: dict) -> dict:
     layout = detect_layout(state)
     fc8 = {"vggkit": "classifier.fc8.weight", "caffe": "fc8.weight",
            "torchvision": "classifier.6.weight", "timm": "head.fc.weight"}[layout]
@@ -383,17 +420,25 @@ def create_model(name: str = "vgg16", weights: str | os.PathLike | None = None,
     checkpoints), else 1000 and 1.0. Returns an ordinary float32 ``nn.Module`` with
     ``.preprocess`` set to the weights' input transform.
     """
-    if weights is not None and not (isinstance(weights, str) and weights.lower() in ("imagenet", "caffe", "timm")):
-        if Path(weights).is_file():
-            meta = checkpoint_metadata(weights)
-            num_classes = num_classes if num_classes is not None else meta.get("num_classes")
-            width = width if width is not None else meta.get("width")
-            dropout = meta.get("dropout", dropout)
-    model = VGG(name, num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
-    model.preprocess = IMAGENET
-    if weights is not None:
-        load_weights(model, weights, layout=layout, progress=progress)
-    return model
+    if weights is None:
+        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
+        model.preprocess = IMAGENET
+        return model
+    if _is_release(weights):
+        read = _read_release(name, weights.lower(), progress)
+        state, meta, preprocess, info = read[0], {}, read[1], read[2]
+    else:
+        state, meta, preprocess, info = _read_path(weights, layout)
+        meta = {**_guess_metadata(state), **meta}
+        num_classes = num_classes if num_classes is not None else meta.get("num_classes")
+        width = width if width is not None else meta.get("width")
+        dropout = meta.get("dropout", dropout)
+    # Built on the meta device: every tensor is about to be overwritten, so skip the random init.
+    with torch.device("meta"):
+        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
+    model.to_empty(device="cpu")
+    fresh_fc8 = _is_release(weights) and model.num_classes != 1000
+    return _apply(model, state, meta, preprocess, info, layout, fresh_fc8=fresh_fc8)
 
 
 def save_checkpoint(model: VGG, path: str | os.PathLike, **extra) -> Path:
