@@ -10,6 +10,7 @@ from .predict import load, predict
 from .preprocess import Preprocess
 from .protocols import class_heatmap, class_score_maps, dense_predict
 from .runtime import optimize
+from .train import init_from, train
 from .receptive_field import effective_receptive_field, receptive_field
 from .weights import (
     WeightsError,
@@ -28,4 +29,5 @@ __all__ = [
     "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
     "class_heatmap", "class_score_maps", "dense_predict", "evaluate",
     "Features", "FinetuneResult", "extract_features", "finetune", "load", "predict", "probe",
+    "init_from", "train",
 ]

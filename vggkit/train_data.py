@@ -1,0 +1,198 @@
+"""The training data pipeline: samplers that resume mid-epoch, reproducible augmentation,
+and an optional GPU JPEG decode path.
+
+Augmentation is seeded per sample from (seed, epoch, index), so an image is
+augmented the same way whichever process or worker loads it. That is what makes
+a run on N processes equal a run on one, and a resumed run equal an
+uninterrupted one, with any number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from .data import PCA_EIGVAL, PCA_EIGVEC, ImageError, ImageListDataset, TrainTransform, load_image
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation in one epoch."""
+    return (((seed * 1_000_003) ^ (epoch * 998_244_353)) * 2_147_483_647 + index) % (2**63 - 1)
+
+
+class EpochSampler(Sampler):
+    """This process's share of one shuffled epoch, as ``(index, epoch)`` keys.
+
+    Shuffling and sharding are ``DistributedSampler``'s (seeded by seed + epoch);
+    ``length`` truncates the share to whole optimizer steps and ``start`` skips the
+    samples of steps already taken, for a mid-epoch resume. Across processes the
+    k-th global batch holds the same samples as on one process: positions
+    [k*B, (k+1)*B) of the epoch's permutation.
+    """
+
+    def __init__(self, dataset_size: int, world_size: int, rank: int, seed: int, length: int) -> None:
+        self.shuffle = DistributedSampler(range(dataset_size), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.length, self.start, self.epoch = length, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+        self.shuffle.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in islice(iter(self.shuffle), self.start, self.length):
+            yield index, self.epoch
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
+class ShardSampler(Sampler):
+    """Validation indices ``rank, rank + world, ...``: every sample on exactly one process, none padded."""
+
+    def __init__(self, dataset_size: int, world_size: int, rank: int) -> None:
+        self.indices = range(rank, dataset_size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SeededAugment(Dataset):
+    """``(index, epoch)`` -> (augmented (3, crop, crop) tensor, label).
+
+    The transform's random draws (Python ``random`` and torch) come from a generator
+    seeded by ``sample_seed``; the caller's RNG state is left as it was. An unreadable
+    file is replaced by the next readable one (``ImageListDataset``).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: TrainTransform, seed: int) -> None:
+        self.images = ImageListDataset(samples)
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        image, label = self.images[index]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = sample_seed(self.seed, epoch, index)
+            random.seed(seed)
+            torch.manual_seed(seed)
+            tensor = self.transform(image)
+        random.setstate(python_state)
+        return tensor, label
+
+
+# --------------------------------------------------------------------------- GPU JPEG decode
+
+
+class EncodedImages(Dataset):
+    """``(index, epoch)`` -> (encoded bytes or decoded (3, H, W) uint8, label, sample seed).
+
+    Workers only read files; decoding and augmentation run batched on the GPU
+    (``GpuAugment``). Files that are not JPEGs (ImageNet has a few PNGs and CMYK
+    JPEGs under .JPEG names) are decoded here on the CPU instead.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], seed: int) -> None:
+        self.samples, self.seed = list(samples), seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                if data[:2] == JPEG_MAGIC and _is_rgb_or_grey_jpeg(path):
+                    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                else:
+                    encoded = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+                return encoded.contiguous(), label, sample_seed(self.seed, epoch, index)
+            except (OSError, ImageError) as error:
+                warnings.warn(f"Skipping unreadable image {path}: {error}", stacklevel=2)
+        raise RuntimeError("No readable image left in the dataset.")
+
+
+def _is_rgb_or_grey_jpeg(path: str) -> bool:
+    """nvJPEG decodes YCbCr and greyscale JPEGs; CMYK ones go through PIL."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("RGB", "L")
+    except OSError:
+        return False
+
+
+def collate_encoded(batch):
+    """Keep the variable-length encoded images as a list: [(data, label, seed)] -> (list, labels, seeds)."""
+    data, labels, seeds = zip(*batch)
+    return list(data), torch.tensor(labels), torch.tensor(seeds, dtype=torch.int64)
+
+
+class GpuAugment:
+    """Decode a batch of JPEGs on ``device`` (nvJPEG on CUDA) and apply ``TrainTransform``'s
+    augmentation there: rescale to S, random crop, flip, PCA colour shift, normalise.
+
+    (list of encoded images, (N,) seeds) -> (N, 3, crop, crop) float32 on ``device``.
+    The random draws of each image come from a CPU generator seeded by its sample seed.
+    """
+
+    def __init__(self, transform: TrainTransform, device: torch.device | str) -> None:
+        self.transform, self.device = transform, torch.device(device)
+
+    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoded JPEG bytes (1-D) or already-decoded (3, H, W) uint8 -> (3, H, W) uint8 on the device."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [i for i, d in enumerate(data) if d.dim() == 1]
+        images = [d.to(self.device, non_blocking=True) if d.dim() == 3 else None for d in data]
+        if encoded:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice for decode_jpeg
+                decoded = decode_jpeg([data[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
+            for i, image in zip(encoded, decoded):
+                images[i] = image
+        return images
+
+    def __call__(self, data: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
+        images = self.decode(data)
+        crops = [self.augment(image, int(seed)) for image, seed in zip(images, seeds)]
+        return self.transform.preprocess.normalize(torch.stack(crops))
+
+    def augment(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, crop, crop) RGB in [0, 1] plus the colour shift, not yet normalised."""
+        t = self.transform
+        generator = torch.Generator().manual_seed(seed)
+        size = int(torch.randint(t.scale[0], t.scale[1] + 1, (), generator=generator))
+        height, width = image.shape[-2:]
+        short = min(height, width)
+        new_size = (max(size, round(height * size / short)), max(size, round(width * size / short)))
+        rgb = image.float().div_(255).unsqueeze(0)
+        if new_size != (height, width):
+            rgb = F.interpolate(rgb, size=new_size, mode="bilinear", antialias=True, align_corners=False)
+        top = int(torch.randint(0, new_size[0] - t.crop + 1, (), generator=generator))
+        left = int(torch.randint(0, new_size[1] - t.crop + 1, (), generator=generator))
+        rgb = rgb[0, :, top : top + t.crop, left : left + t.crop]
+        if t.flip and float(torch.rand((), generator=generator)) < 0.5:
+            rgb = rgb.flip(-1)
+        if t.lighting.alpha_std:
+            alpha = torch.randn(3, generator=generator) * t.lighting.alpha_std
+            rgb = rgb + (PCA_EIGVEC @ (alpha * PCA_EIGVAL)).to(self.device).view(3, 1, 1)
+        return rgb
