@@ -252,3 +252,32 @@ def test_class_mismatch_and_empty_folders_are_clear_errors(labelled_folder, tmp_
         vggkit.evaluate(tiny_model(num_classes=3), tmp_path, workers=0)
     with pytest.raises(ValueError, match="Unknown protocol"):
         vggkit.evaluate(tiny_model(num_classes=3), labelled_folder, protocol="ten-crop")
+
+
+def test_cli_evaluates_a_fine_tuned_checkpoint(tmp_path, capsys):
+    from vggkit.cli import main
+
+    data = tmp_path / "val"
+    for index, name in enumerate(("ants", "bees")):
+        (data / name).mkdir(parents=True)
+        noise_image(230, 250, seed=index).save(data / name / "a.png")
+    model = tiny_model(num_classes=2)
+    model.class_names = ["ants", "bees"]
+    checkpoint = vggkit.save_checkpoint(model, tmp_path / "finetuned.pth", head={"type": "vgg"})
+
+    argv = ["evaluate", "--model", str(checkpoint), "--data", str(data), "--protocol", "center", "dense",
+            "--scales", "224", "256", "--workers", "1", "--no-progress", "--csv", str(tmp_path / "pred.csv")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = vggkit.evaluate(model, data, protocol=["center", "dense"], scales=(224, 256), workers=0,
+                               progress=False)
+    assert printed.startswith(f"vgg11 on {data}: 2 images, 2 classes, with flips;")
+    assert "| protocol | scales | top-1 error (%) | top-2 error (%) | images | images/s |" in printed
+    assert f"| dense | Q = 224,256 | {expected['dense'].top1_error:.2f} | 0.00 | 2 |" in printed
+    assert f"| centre crop | center | {expected['center'].top1_error:.2f} | 0.00 | 2 |" in printed
+    assert (tmp_path / "pred.csv").read_text().count("\n") == 1 + 2 * 2
+
+    model.class_names = ["ants", "wasps"]
+    vggkit.save_checkpoint(model, checkpoint)
+    assert main(argv) == 2
+    assert "only in the model: wasps; only in the folders: bees" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +21,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import FolderScan, ImageError, load_image, report_skipped, scan_folder
+from .model import VGG
 from .protocols import (
     PAPER_SCALES,
+    InferenceNetworks,
     ProtocolViews,
     as_vgg,
     center_probabilities,
     check_scales,
     dense_probabilities,
-    InferenceNetworks,
     inference_networks,
     multicrop_probabilities,
 )
+from .weights import checkpoint_metadata, create_model
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
 PROTOCOL_TITLES = {"center": "centre crop", "dense": "dense", "multicrop": "multi-crop",
@@ -71,6 +74,8 @@ class EvaluationResult:
     """
 
     protocols: dict[str, ProtocolResult]
+    model_name: str
+    data_dir: Path
     classes: list[str]
     flip: bool
     runtime: str
@@ -94,9 +99,12 @@ class EvaluationResult:
     images_per_second = property(lambda self: self._only().images_per_second)
 
     def table(self) -> str:
-        """The errors as a Markdown table shaped like the paper's Table 5: one row per protocol."""
+        """A title line, then the errors as a Markdown table shaped like the paper's Table 5 (a row per protocol)."""
         k = min(r.top_k for r in self.protocols.values())
-        rows = [f"| protocol | scales | top-1 error (%) | top-{k} error (%) | images | images/s |",
+        n_images = next(iter(self.protocols.values())).n_images
+        rows = [f"{self.model_name} on {self.data_dir}: {n_images} images, {len(self.classes)} classes, "
+                f"{'with' if self.flip else 'without'} flips; {self.runtime}; {self.seconds:.1f} s", "",
+                f"| protocol | scales | top-1 error (%) | top-{k} error (%) | images | images/s |",
                 "|---|---|---:|---:|---:|---:|"]
         for result in self.protocols.values():
             scales = "center" if result.protocol == "center" else "Q = " + ",".join(map(str, result.scales))
@@ -106,6 +114,30 @@ class EvaluationResult:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = None) -> VGG:
+    """A model to evaluate: a name with optional ``weights``, or a vggkit checkpoint file, which names its
+    configuration, class count, class names and preprocessing (e.g. a fine-tuned 2-class model).
+    """
+    path = Path(model)
+    if not path.is_file():
+        if weights is None:
+            warnings.warn(f"No weights given: evaluating a randomly initialised {model}.", stacklevel=2)
+        return create_model(str(model), weights=weights)
+    if weights is not None:
+        raise ValueError(f"{path} is a checkpoint file and brings its own weights; leave out the weights "
+                         f"(or give a model name with weights={str(weights)!r}).")
+    meta = checkpoint_metadata(path)
+    if not meta.get("model_name"):
+        raise ValueError(f"{path} does not say which configuration it holds; "
+                         f"give the model name and the file as its weights (--model vgg16 --weights {path}).")
+    head = (meta.get("head") or {}).get("type", "vgg")
+    if head != "vgg":
+        raise ValueError(f"{path} has a {head!r} head; the paper's protocols need its classifier head "
+                         f"(fc6-fc8), as fine-tuning with head='vgg' keeps it.")
+    return create_model(meta["model_name"], weights=path)
+
 
 
 def check_protocols(protocol: str | Sequence[str]) -> list[str]:
@@ -279,7 +311,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
                                     network_seconds[p] + shared)
                for p in protocols}
     csv_path = write_predictions(predictions_csv, scan, tallies) if predictions_csv is not None else None
-    return EvaluationResult(results, scan.classes, flip, runtime, wall, scan.skipped + failed, csv_path)
+    return EvaluationResult(results, as_vgg(model).name, scan.root, scan.classes, flip, runtime, wall,
+                            scan.skipped + failed, csv_path)
 
 
 def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: list[str], flip: bool,
