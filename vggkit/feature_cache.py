@@ -76,7 +76,9 @@ class FeatureCache:
         """
         if storage not in STORAGES:
             raise ValueError(f"Unknown cache storage {storage!r}; choose from {STORAGES}.")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        # Its own generator, so building the cache leaves the global RNG (dropout) untouched.
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
         features = labels = path = None
         start = 0
         for images, batch_labels in tqdm(loader, desc=f"caching {name}", disable=not progress, leave=False):

@@ -32,7 +32,9 @@ from .feature_cache import FeatureCache, FlipViews
 from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
 from .runtime import choose_runtime, optimize
-from .weights import create_model, save_checkpoint
+from .configs import resolve
+from .predict import load
+from .weights import checkpoint_metadata, create_model, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
@@ -157,10 +159,13 @@ class FrozenBackboneBatches:
         if self.cache is not None:
             yield from (self.cache.batch(chunk) for chunk in chunks)
             return
-        loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers)
-        with torch.no_grad():
-            for images, labels in loader:
-                yield self.backbone(images), labels
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
+        # which would shift the head's dropout masks away from the cached path's.
+        loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(0))
+        for images, labels in loader:
+            # The runtime copy runs in inference mode; a clone is an ordinary tensor the head can train on.
+            yield self.backbone(images).clone(), labels
 
     def close(self) -> None:
         if self.cache is not None:
@@ -174,8 +179,7 @@ class ImageBatches:
                  seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(ImageListDataset(samples, transform), batch_size=batch_size, shuffle=shuffle,
-                                 num_workers=num_workers, generator=self.generator if shuffle else None,
-                                 drop_last=False)
+                                 num_workers=num_workers, generator=self.generator, drop_last=False)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -240,8 +244,23 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, class_na
 
 def build_model(model: str, weights, num_classes: int, head: str, width: float | None, dropout: float,
                 hidden: int, image_size: int | None) -> VGG:
-    """A VGG with loaded ``weights`` and a fresh ``num_classes`` head; preprocessing resized to ``image_size``."""
-    vgg = create_model(model, weights=weights, num_classes=num_classes, width=width, dropout=dropout)
+    """A VGG with loaded ``weights`` and a fresh ``num_classes`` head; preprocessing resized to ``image_size``.
+
+    A weight file keeps its own class count when loaded (a 1000-way torchvision file, an
+    earlier fine-tuned checkpoint with any head); then its classifier is replaced.
+    """
+    if weights is None or (isinstance(weights, str) and weights.lower() in ("imagenet", "caffe", "timm")):
+        vgg = create_model(model, weights=weights, num_classes=num_classes, width=width, dropout=dropout)
+    else:
+        meta = checkpoint_metadata(weights)
+        if meta.get("format") == "vggkit":
+            if resolve(meta["model_name"]) != resolve(model):
+                raise ValueError(f"{weights} holds a {meta['model_name']}, not a {resolve(model).name}: "
+                                 f"pass model={meta['model_name']!r}.")
+            vgg = load(weights)
+        else:
+            vgg = create_model(model, weights=weights, width=width, dropout=dropout)
+        vgg.dropout = dropout
     attach_head(vgg, head, num_classes, hidden=hidden, dropout=dropout)
     if image_size is not None:
         # Keep the weights' normalisation; scale the resize side with the crop (256/224 for 224).

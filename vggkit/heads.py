@@ -35,8 +35,13 @@ def attach_head(model: VGG, head: str = "vgg", num_classes: int | None = None, h
     num_classes = num_classes or model.num_classes
     channels = model.feature_channels
     if head == "vgg":
-        if model.classifier.fc8.out_features != num_classes:
+        if not hasattr(model.classifier, "fc7"):
+            # A model that had another head gets the paper's classifier back, freshly initialised.
+            fresh = VGG(model.spec, num_classes=num_classes, dropout=dropout, width=model.width)
+            model.avgpool, model.classifier = fresh.avgpool, fresh.classifier
+        elif model.classifier.fc8.out_features != num_classes:
             model.classifier.fc8 = new_linear(model.classifier.fc7.out_features, num_classes)
+        model.classifier.drop6.p = model.classifier.drop7.p = model.dropout = dropout
         model.head_config = {"type": "vgg"}
     else:
         # Global average pooling makes these heads independent of the input size.
