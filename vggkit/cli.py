@@ -63,6 +63,56 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_arg(value: str | None):
+    """``none`` on the command line means random initialisation."""
+    return None if value is None or value.lower() == "none" else value
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_arg(args.weights),
+                      head=args.head, strategy=args.strategy, unfreeze_blocks=args.unfreeze_blocks,
+                      epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      backbone_lr_scale=args.backbone_lr_scale, width=args.width, image_size=args.image_size,
+                      val_fraction=args.val_fraction, patience=args.patience,
+                      cache_features=False if args.no_cache else args.cache, output_dir=args.output,
+                      seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress)
+    metrics = result.metrics
+    recalls = ", ".join(f"{name} {value:.3f}" for name, value in metrics["recall"].items())
+    print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
+          f"recall per class: {recalls}")
+    print(f"checkpoint: {result.checkpoint}")
+    print("plots: " + ", ".join(str(p) for p in result.plots.values()))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .extract import extract_features
+
+    images = args.images[0] if len(args.images) == 1 else args.images
+    features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
+                                reduce=None if args.reduce == "none" else args.reduce,
+                                pool=None if args.maps else "avg", weights=_weights_arg(args.weights),
+                                width=args.width, batch_size=args.batch_size, precision=args.precision,
+                                device=args.device, num_workers=args.workers, progress=not args.no_progress)
+    path = features.save(args.output)
+    print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
+          + (f", classes: {', '.join(features.class_names)}" if features.class_names else ""))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    for image, top in zip(args.images, predict(args.checkpoint, args.images, top_k=args.top_k,
+                                               precision=args.precision, device=args.device)):
+        print(image)
+        for name, probability in top:
+            print(f"  {probability:7.4f}  {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vggkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -151,6 +201,91 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", metavar="PRED.csv", help="write every image's top-5 per protocol to this CSV")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_evaluate)
+
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a VGG on a folder of your images (transfer learning)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a VGG on DATA_DIR: one folder per class, or train/ and val/ (and test/) each with "
+                    "one folder per class. Without val/ the images are split per class (--val-fraction, --seed).\n"
+                    "Heads: vgg (keep fc6/fc7, new fc8), linear, mlp. Strategies: head (frozen backbone, its "
+                    "features cached), partial (also the last --unfreeze-blocks conv blocks), full.\n"
+                    "Writes model.pth, training_curves.png and confusion_matrix.png to --output.",
+        epilog="examples:\n"
+               "  vggkit finetune photos/ --num-classes 2\n"
+               "  vggkit finetune photos/ --strategy partial --unfreeze-blocks 2 --epochs 30\n"
+               "  vggkit finetune shapes/ --weights none --model vgg11_bn --width 0.0625 --image-size 64 "
+               "--strategy full --optimizer adamw")
+    finetune.add_argument("data_dir", metavar="DATA_DIR", help="class folders, or train/ val/ [test/] of them")
+    finetune.add_argument("--num-classes", type=int, help="must match the class folders (default: as found)")
+    finetune.add_argument("--model", default="vgg16", help="model name (default vgg16)")
+    finetune.add_argument("--weights", default="imagenet",
+                          help="imagenet (default), caffe, timm, none (random init) or a weight file")
+    finetune.add_argument("--head", default="vgg", choices=("vgg", "linear", "mlp"), help="classifier head")
+    finetune.add_argument("--strategy", default="head", choices=("head", "partial", "full"),
+                          help="what trains: the head only (default), the last conv blocks too, or everything")
+    finetune.add_argument("--unfreeze-blocks", type=int, default=2, help="conv blocks trained by --strategy partial")
+    finetune.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
+    finetune.add_argument("--patience", type=int, default=5,
+                          help="stop after this many epochs without better validation accuracy (default 5)")
+    finetune.add_argument("--batch-size", type=int, default=32)
+    finetune.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    finetune.add_argument("--lr", type=float, help="head learning rate (default 0.01 for sgd, 0.001 for adamw)")
+    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                          help="conv layers train at lr times this (default 0.1)")
+    finetune.add_argument("--width", type=float, help="channel multiplier, for models trained from scratch")
+    finetune.add_argument("--image-size", type=int, help="square training crop in pixels (default: the weights', 224)")
+    finetune.add_argument("--val-fraction", type=float, default=0.2, help="validation share without val/ (0.2)")
+    finetune.add_argument("--cache", default="auto", choices=("auto", "memory", "disk"),
+                          help="where frozen-backbone features are kept (auto: memory up to 2 GiB, else disk)")
+    finetune.add_argument("--no-cache", action="store_true", help="recompute the frozen backbone every epoch")
+    finetune.add_argument("--output", help="output folder (default vggkit_runs/<data>-<model>)")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    finetune.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    finetune.set_defaults(handler=_finetune)
+
+    extract = sub.add_parser(
+        "extract", help="features of any layer for a folder of images, written to .npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Extract features at a named layer (conv1_1 ... pool5, fc6, fc7) and write an .npz holding "
+                    "features, labels, paths and class_names. With the defaults (fc7, --flip, scales) this is the "
+                    "paper's transfer descriptor: dense fc7 averaged over positions and the mirror, L2-normalised, "
+                    "averaged (--reduce mean) or stacked (--reduce stack) over scales.",
+        epilog="examples:\n"
+               "  vggkit extract photos/ --scales 256 384 512 --flip -o features.npz\n"
+               "  vggkit extract photos/ --model runs/model.pth --layer pool5 -o pool5.npz")
+    extract.add_argument("images", nargs="+", metavar="IMAGES",
+                         help="a folder of class folders (labels from them), a folder of images, or image files")
+    extract.add_argument("-o", "--output", default="features.npz", help="output .npz (default features.npz)")
+    extract.add_argument("--model", default="vgg16", help="model name or a vggkit checkpoint (default vgg16)")
+    extract.add_argument("--weights", default="imagenet", help="for a model name: imagenet, caffe, timm, none, file")
+    extract.add_argument("--width", type=float, help="channel multiplier (random-init models)")
+    extract.add_argument("--layer", default="fc7", help="named layer (default fc7)")
+    extract.add_argument("--scales", nargs="+", type=int, default=[256], metavar="Q",
+                         help="shortest image side(s) in pixels (default 256)")
+    extract.add_argument("--flip", action="store_true", help="average with the mirror image")
+    extract.add_argument("--reduce", default="mean", choices=("mean", "stack", "none"),
+                         help="combine scales: average, concatenate, or keep (N, S, D)")
+    extract.add_argument("--maps", action="store_true", help="keep the spatial maps (one scale) instead of averaging")
+    extract.add_argument("--batch-size", type=int, default=16)
+    extract.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    extract.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    extract.set_defaults(handler=_extract)
+
+    predict = sub.add_parser(
+        "predict", help="top-k classes with probabilities for images, from a fine-tuned checkpoint",
+        description="Classify images with a vggkit checkpoint (from vggkit finetune or save_checkpoint); the "
+                    "checkpoint carries the model, classes and preprocessing.",
+        epilog="example: vggkit predict vggkit_runs/photos-vgg16/model.pth cat.jpg dog.png --top-k 2")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a vggkit checkpoint (.pth)")
+    predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
+    predict.add_argument("-k", "--top-k", type=int, default=5, help="how many classes to list (default 5)")
+    predict.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    predict.set_defaults(handler=_predict)
 
     # Further subcommands register here (train, evaluate, finetune, extract, predict, bench).
     return parser
