@@ -103,6 +103,11 @@ def spatial_layers(name: str) -> list[str]:
     return [layer for layer in layer_names(name) if not layer.startswith("fc")]
 
 
+def default_layer(layers: list[str]) -> str:
+    """The layer a picker starts on: conv3_3 (a 40 px receptive field in D) where it exists, else the middle one."""
+    return "conv3_3" if "conv3_3" in layers else layers[len(layers) // 2]
+
+
 def map_side(rf: ReceptiveField, input_size: int) -> int:
     """Side of a conv/pool layer's map on a square input: convs keep the size, each pool floors a halving."""
     return input_size // rf.stride

@@ -1,0 +1,259 @@
+"""The vggkit app: how a VGG network sees. Gradio layout and wiring only; vggkit.demo computes.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model vgg16] [--weights imagenet|timm|caffe|PATH|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+# Before gradio is imported: no analytics, no hub look-ups. The app runs offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import gradio as gr  # noqa: E402
+
+from vggkit import demo as views  # noqa: E402
+from vggkit.configs import PAPER_CONFIGS  # noqa: E402
+
+EXAMPLES = [str(p) for p in sorted((Path(__file__).resolve().parent / "assets" / "examples").glob("*.jpg"))]
+DEFAULT_EXAMPLE = next((p for p in EXAMPLES if p.endswith("chelsea.jpg")), EXAMPLES[0] if EXAMPLES else None)
+SCALE_CHOICES = [224, 256, 288, 320, 384, 448, 512]
+DEFAULT_SCALES = [256, 384]
+MAX_FILE_SIZE = "10mb"
+CSS = "#untrained-banner {background: #fff4d6; border: 2px solid #e0a000; border-radius: 8px; padding: 4px 12px;}"
+
+INTRO = """# vggkit: how a VGG network sees
+Simonyan & Zisserman, *Very Deep Convolutional Networks for Large-Scale Image Recognition* (ICLR 2015).
+Stacks of 3x3 convolutions, receptive fields that grow with depth, and a classifier that turns into a
+fully-convolutional network at test time. Everything here runs on this machine, offline."""
+
+
+def user_errors(callback):
+    """Show a bad input (not an image, a decompression bomb, a wrong layer) as a message in the app."""
+
+    @functools.wraps(callback)
+    def wrapped(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except ValueError as error:  # vggkit.data.ImageError is a ValueError
+            raise gr.Error(str(error)) from None
+
+    return wrapped
+
+
+def image_input(label: str, elem_id: str) -> gr.Image:
+    """An upload box (files reach vggkit.data.load_image as paths) with the example photographs under it."""
+    image = gr.Image(value=DEFAULT_EXAMPLE, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                     label=label, height=300, elem_id=elem_id)
+    gr.Examples(EXAMPLES, inputs=image, label="Examples")
+    return image
+
+
+def layer_picker(layers: list[str], elem_id: str) -> gr.Dropdown:
+    return gr.Dropdown(layers, value=views.default_layer(layers), label="Layer", elem_id=elem_id)
+
+
+def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width: float | None = None) -> gr.Blocks:
+    """The Blocks app around one network (``width`` < 1 gives a thin model, for tests)."""
+    network = views.load_demo_model(model_name, weights, width)
+
+    # ------------------------------------------------------------------ callbacks: vggkit.demo in, components out
+
+    @user_errors
+    def receptive_field(image, config, layer, x=None, y=None):
+        if image is None:
+            return None, None, "", None, None
+        click = None if x is None or y is None else (float(x), float(y))
+        view = network.receptive_field_view(image, config, layer, click)
+        return view.picture, view.effective, view.summary, *view.marker
+
+    def clicked(evt: gr.SelectData):
+        return evt.index[0], evt.index[1]
+
+    @user_errors
+    def receptive_field_config(config, layer):
+        layers = views.spatial_layers(config)
+        chosen = layer if layer in layers else views.default_layer(layers)
+        return gr.Dropdown(choices=layers, value=chosen), views.receptive_field_table(config)
+
+    @user_errors
+    def compare_stacks(channels, depth, size):
+        return views.stack_comparison(int(channels), int(depth), int(size))
+
+    @user_errors
+    def measure_stacks(channels, depth, size):
+        return views.stack_measurement(int(channels), int(depth), int(size))
+
+    @user_errors
+    def score_maps(image, scales, class_index=None):
+        if image is None:
+            return None, None, None, None
+        view = network.score_maps_view(image, scales or DEFAULT_SCALES, class_index)
+        return view.top5, view.overlay, view.sizes, view.class_index
+
+    @user_errors
+    def feature_maps(image, layer, count):
+        if image is None:
+            return None, None
+        view = network.feature_maps_view(image, layer, int(count))
+        return view.grid, view.info
+
+    # ------------------------------------------------------------------ layout
+
+    with gr.Blocks(title="vggkit: how a VGG network sees") as app:
+        gr.Markdown(network.notice or "", visible=network.notice is not None, elem_id="untrained-banner")
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("Receptive field", id="receptive-field"):
+                gr.Markdown(
+                    "Pick a configuration and a layer, then **click the picture**: the red box is the unit's "
+                    "theoretical receptive field, the heatmap its *effective* receptive field (Luo et al. 2016), "
+                    "|d unit / d input| by back-propagation on the 224 px centre crop.")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        rf_image = image_input("Image (upload, or pick an example below)", "rf-image")
+                        rf_config = gr.Dropdown(list(PAPER_CONFIGS), value=network.config, label="Configuration")
+                        rf_layer = layer_picker(network.layers, "rf-layer")
+                        with gr.Row():
+                            rf_x = gr.Number(label="x on the picture", precision=1)
+                            rf_y = gr.Number(label="y on the picture", precision=1)
+                    with gr.Column(scale=3):
+                        rf_picture = gr.Image(label="Click a position: the unit's theoretical receptive field",
+                                              type="pil", format="png", interactive=False, elem_id="rf-picture")
+                        rf_summary = gr.Markdown()
+                    with gr.Column(scale=3):
+                        rf_effective = gr.Plot(label="Effective receptive field", format="png", elem_id="rf-effective")
+                with gr.Row():
+                    rf_table = gr.Dataframe(views.receptive_field_table(network.config), label="Every layer",
+                                            interactive=False, max_height=420, elem_id="rf-table")
+                    gr.Plot(views.receptive_field_growth(), label="Growth with depth, A-E", format="png")
+
+            with gr.Tab("3x3 versus 7x7", id="stacks"):
+                gr.Markdown(
+                    "Section 2.3: n stacked 3x3 convs see 2n+1 pixels, as one (2n+1)x(2n+1) conv does, with "
+                    "fewer weights (27C² against 49C² for n = 3) and n non-linearities instead of one.")
+                with gr.Row():
+                    st_channels = gr.Slider(1, 512, value=64, step=1, label="Channels C (in and out)")
+                    st_depth = gr.Slider(1, 5, value=3, step=1, label="Stack depth n")
+                    st_size = gr.Slider(8, 112, value=56, step=8, label="Input size (px)")
+                st_costs = gr.Dataframe(label="Per design", interactive=False, elem_id="st-costs")
+                st_drawing = gr.Plot(label="Receptive field, layer by layer", format="png", elem_id="st-drawing")
+                st_measure = gr.Button("Measure both as PyTorch modules on this machine", elem_id="st-measure")
+                st_measured = gr.Dataframe(label="Measured", interactive=False, elem_id="st-measured")
+
+            with gr.Tab("Class score maps", id="score-maps"):
+                gr.Markdown(
+                    "Section 3.2, dense evaluation: fc6-fc8 become convolutions, the network runs on the whole "
+                    "image rescaled to shortest side Q and gives a class score map of floor(side/32) - 6 per side; "
+                    "its spatial mean, softmax, averaged with the mirror image's and over the scales, is the "
+                    "prediction.")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        sm_image = image_input("Image", "sm-image")
+                        sm_scales = gr.CheckboxGroup(SCALE_CHOICES, value=DEFAULT_SCALES, label="Test scales Q")
+                        sm_class = gr.Dropdown(network.class_choices(), value=None, label="Class to map "
+                                               "(default: the top prediction)")
+                        sm_sizes = gr.Dataframe(label="Raw class score map sizes", interactive=False, elem_id="sm-sizes")
+                    with gr.Column(scale=3):
+                        sm_overlay = gr.Plot(label="Class score map over the image", format="png", elem_id="sm-overlay")
+                        sm_top5 = gr.Dataframe(label="Top 5 (dense, averaged over flips and scales)",
+                                               interactive=False, elem_id="sm-top5")
+
+            with gr.Tab("Feature maps", id="feature-maps"):
+                gr.Markdown("The activations of a named layer on the 224 px centre crop, channels with the "
+                            "largest mean activation first.")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        fm_image = image_input("Image", "fm-image")
+                        fm_layer = layer_picker(network.layers, "fm-layer")
+                        fm_count = gr.Slider(4, 32, value=16, step=4, label="Channels shown")
+                        fm_info = gr.Dataframe(label="Layer", interactive=False, elem_id="fm-info")
+                    with gr.Column(scale=3):
+                        fm_grid = gr.Plot(label="Channels, strongest first", format="png", elem_id="fm-grid")
+
+            with gr.Tab("Models", id="models"):
+                gr.Markdown("Tables 1 and 2 of the paper, generated from vggkit's configurations; parameters are "
+                            "counted from built modules.")
+                gr.Dataframe(views.table1(), label="Table 1: configurations", interactive=False, elem_id="table1")
+                with gr.Row():
+                    gr.Dataframe(views.table2(), label="Table 2: parameters", interactive=False, elem_id="table2")
+                    gr.Plot(views.parameter_figure(), label="Where the parameters are", format="png", elem_id="parameters")
+                gr.Dataframe(network.weights_table(), label="Loaded weights", interactive=False, elem_id="weights")
+
+        # -------------------------------------------------------------- wiring
+
+        rf_inputs, rf_outputs = [rf_image, rf_config, rf_layer], [rf_picture, rf_effective, rf_summary, rf_x, rf_y]
+        gr.on([rf_image.change, rf_layer.input], receptive_field, rf_inputs, rf_outputs, api_name="receptive_field")
+        rf_config.input(receptive_field_config, [rf_config, rf_layer], [rf_layer, rf_table],
+                        api_name="receptive_field_config").then(receptive_field, rf_inputs, rf_outputs,
+                                                                api_visibility="private")
+        rf_picture.select(clicked, None, [rf_x, rf_y], api_visibility="private").then(
+            receptive_field, rf_inputs + [rf_x, rf_y], rf_outputs, api_name="receptive_field_at")
+
+        st_inputs = [st_channels, st_depth, st_size]
+        gr.on([s.release for s in st_inputs], compare_stacks, st_inputs, [st_costs, st_drawing],
+              api_name="compare_stacks")
+        st_measure.click(measure_stacks, st_inputs, st_measured, api_name="measure_stacks")
+
+        sm_outputs = [sm_top5, sm_overlay, sm_sizes, sm_class]
+        gr.on([sm_image.change, sm_scales.input], score_maps, [sm_image, sm_scales], sm_outputs, api_name="score_maps")
+        sm_class.input(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_name="score_map_of_class")
+
+        gr.on([fm_image.change, fm_layer.input, fm_count.release], feature_maps, [fm_image, fm_layer, fm_count],
+              [fm_grid, fm_info], api_name="feature_maps")
+
+        app.load(receptive_field, rf_inputs, rf_outputs, api_visibility="private")
+        app.load(compare_stacks, st_inputs, [st_costs, st_drawing], api_visibility="private")
+        app.load(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private")
+        app.load(score_maps, [sm_image, sm_scales], sm_outputs, api_visibility="private")
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python app.py", description="The vggkit app: receptive fields, 3x3 versus 7x7 convolutions, "
+        "class score maps and feature maps of a VGG network, served on this machine only.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                        "machine only; 0.0.0.0 exposes the app to your network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--model", default="vgg16", help="model name: A..E, vgg11, vgg13, vgg16, vgg19, ... "
+                        "(default vgg16)")
+    parser.add_argument("--weights", default="imagenet",
+                        help="imagenet (torchvision's release), timm, caffe, a weight file, or none for random "
+                             "weights (default imagenet; offline and not cached, the app starts with random "
+                             "weights and says so)")
+    parser.add_argument("--width", type=float, default=None, help="channel multiplier (default: the weights' own, "
+                        "else 1.0); below 1 only with --weights none or a matching file")
+    return parser.parse_args(argv)
+
+
+def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Queue and serve ``app``: each callback one request at a time, no share link, uploads capped.
+
+    ``block=False`` returns once the server runs (tests; stop it with ``app.close()``).
+    """
+    app.queue(default_concurrency_limit=1)
+    return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,
+                      ssr_mode=False, css=CSS, footer_links=["api", "settings"], prevent_thread_lock=not block,
+                      quiet=not block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        app = build_app(args.model, args.weights, args.width)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"app.py: error: {error}", file=sys.stderr)
+        return 2
+    serve(app, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
