@@ -273,3 +273,21 @@ def test_plateau_schedule_drops_the_lr_at_most_three_times():
     drops = [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]
     assert drops == [5, 8, 11]  # after patience + 1 epochs without improvement, three times, then never
     assert lrs[-1] == pytest.approx(1e-5)
+
+
+def test_bf16_autocast_path_trains_on_cpu(imagenet, tmp_path):
+    result = train("A", imagenet, tmp_path / "run", progress=False,
+                   overrides=TINY + ["run.precision='bf16'", "run.channels_last=false", "schedule.max_steps=1"])
+    assert result.completed and np.isfinite(result.history[0]["train_loss"])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast: fp32 master weights
+
+
+def test_pipeline_throughput_measures_the_training_transform(imagenet):
+    from vggkit.train_data import pipeline_images_per_second
+
+    samples = [(str(p), 0) for p in sorted((imagenet / "train" / CLASSES[0]).iterdir())]
+    assert pipeline_images_per_second(samples, scale=(36, 48), crop=32, count=10) > 0
+    with pytest.raises(ValueError, match="at least one"):
+        pipeline_images_per_second([])
+    with pytest.raises(ValueError, match="smaller than the 224 px crop"):
+        pipeline_images_per_second(samples, scale=200)

@@ -96,11 +96,14 @@ def _load_net_a(path: str | os.PathLike) -> VGG:
     return create_model(name, weights=path)
 
 
-def build_model(recipe: Recipe) -> VGG:
-    """The recipe's network: random ``init.method``, then ``init.weights`` or ``init.from_a`` if set."""
+def build_model(recipe: Recipe, load_init: bool = True) -> VGG:
+    """The recipe's network: random ``init.method``, then ``init.weights`` or ``init.from_a`` if set
+    (unless ``load_init`` is False: a resumed run brings its own weights)."""
     spec = recipe.model
     model = create_model(spec.name, num_classes=spec.num_classes, dropout=spec.dropout, width=spec.width,
                          init=recipe.init.method)
+    if not load_init:
+        return model
     for key, path in (("init.weights", recipe.init.weights), ("init.from_a", recipe.init.from_a)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(
@@ -360,7 +363,7 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
 
     # ---- model, optimizer, plateau schedule (at most max_drops drops: the floor stops the rest)
     torch.manual_seed(seed)  # identical initial weights on every rank
-    raw_model = build_model(recipe)
+    raw_model = build_model(recipe, load_init=state is None)
     raw_model.class_names = train_scan.classes
     raw_model.to(dist.device, memory_format=torch.channels_last if recipe.run.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(raw_model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
@@ -404,7 +407,8 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     if dist.is_main:
         print(f"vggkit train: {recipe.name or recipe.model.name}, {len(train_scan.samples)} train / "
               f"{len(val_scan.samples)} val images, {len(train_scan.classes)} classes; {dist.world_size} "
-              f"process(es) on {runtime.describe()}; batch {recipe.optim.batch_size} = {dist.world_size} x "
+              f"process(es) on {dist.device.type} {runtime.precision}"
+              f"{' channels_last' if recipe.run.channels_last else ''}{' compiled' if runtime.compile else ''}; batch {recipe.optim.batch_size} = {dist.world_size} x "
               f"{accumulation} x {micro_batch}; {steps_per_epoch} steps/epoch"
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if state is not None else ""),
               file=sys.stderr)

@@ -10,6 +10,7 @@ uninterrupted one, with any number of DataLoader workers.
 from __future__ import annotations
 
 import random
+import time
 import warnings
 from itertools import islice
 
@@ -95,6 +96,20 @@ class SeededAugment(Dataset):
             tensor = self.transform(image)
         random.setstate(python_state)
         return tensor, label
+
+
+def pipeline_images_per_second(samples: list[tuple[str, int]], scale: int | tuple[int, int] = 256,
+                               crop: int = 224, count: int = 200) -> float:
+    """Throughput of one loader worker on the training pipeline (decode, rescale to S, random crop,
+    flip, colour shift), run in this process over the first ``count`` loads, cycling ``samples``."""
+    if not samples:
+        raise ValueError("pipeline_images_per_second needs at least one (path, label) sample.")
+    dataset = SeededAugment(samples, TrainTransform(scale=scale, crop=crop), seed=0)
+    dataset[(0, 0)]  # first load pays for imports and caches
+    started = time.perf_counter()
+    for index in range(count):
+        dataset[(index % len(dataset), 1)]
+    return count / (time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- GPU JPEG decode
