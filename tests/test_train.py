@@ -175,17 +175,29 @@ def test_gpu_decode_path_matches_the_cpu_transform(imagenet):
     Image.open(samples[0][0]).save(imagenet.parent / "as.png")  # a non-JPEG goes through PIL
     samples.append((str(imagenet.parent / "as.png"), 1))
     dataset = EncodedImages(samples, seed=0)
-    data, labels, seeds = collate_encoded([dataset[(i, 0)] for i in range(len(samples))])
+    batch = collate_encoded([dataset[(i, 0)] for i in range(len(samples))])
+    data, labels, seeds, paths = batch
     assert [d.dim() for d in data] == [1, 1, 1, 3] and labels.tolist() == [0, 0, 0, 1]
     # Scale = crop = image side, no flip or colour shift: both paths must give the normalised image.
     exact = TrainTransform(scale=40, crop=40, flip=False, pca_std=0)
-    on_device = GpuAugment(exact, "cpu")(data, seeds)
+    on_device, same_labels = GpuAugment(exact, "cpu")(*batch)
     reference = torch.stack([exact(vggkit.data.load_image(path)) for path, _ in samples])
-    assert on_device.shape == (4, 3, 40, 40)
+    assert on_device.shape == (4, 3, 40, 40) and torch.equal(same_labels, labels)
     torch.testing.assert_close(on_device, reference, atol=1e-5, rtol=0)
     jitter = GpuAugment(TrainTransform(scale=(36, 60), crop=32), "cpu")
-    first, again = jitter(data, seeds), jitter(data, seeds)
+    (first, _), (again, _) = jitter(*batch), jitter(*batch)
     assert first.shape == (4, 3, 32, 32) and torch.equal(first, again)
+
+
+def test_gpu_decode_replaces_a_corrupt_jpeg_with_its_label(imagenet, tmp_path):
+    good = sorted((imagenet / "train" / CLASSES[1]).iterdir())[0]
+    corrupt = tmp_path / "corrupt.JPEG"
+    corrupt.write_bytes(good.read_bytes()[:300])  # a JPEG header, then nothing
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in (corrupt, good)]
+    augment = GpuAugment(TrainTransform(scale=36, crop=32), "cpu")
+    with pytest.warns(UserWarning, match=r"Skipping unreadable image .*corrupt\.JPEG"):
+        images, labels = augment(data, torch.tensor([0, 1]), torch.tensor([5, 6]), [str(corrupt), str(good)])
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [1, 1] and torch.equal(images[0], images[1])
 
 
 def test_gpu_decode_option_trains(imagenet, tmp_path):

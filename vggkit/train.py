@@ -38,7 +38,7 @@ from .model import VGG
 from .recipe import Recipe, apply_overrides
 from .runtime import choose_runtime
 from .train_data import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
-from .weights import atomic_save, create_model, load_weights, save_checkpoint
+from .weights import create_model, load_weights, save_checkpoint
 
 # Section 3.1: the deeper nets take net A's first four conv layers and its three FC layers.
 PRE_INIT_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
@@ -235,7 +235,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
@@ -405,10 +405,11 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
                             best_top1_error=best_error, epoch_loss=loss_so_far)
 
     if dist.is_main:
+        how = " ".join([dist.device.type, runtime.precision] + ["channels_last"] * recipe.run.channels_last
+                       + ["compiled"] * runtime.compile)
         print(f"vggkit train: {recipe.name or recipe.model.name}, {len(train_scan.samples)} train / "
               f"{len(val_scan.samples)} val images, {len(train_scan.classes)} classes; {dist.world_size} "
-              f"process(es) on {dist.device.type} {runtime.precision}"
-              f"{' channels_last' if recipe.run.channels_last else ''}{' compiled' if runtime.compile else ''}; batch {recipe.optim.batch_size} = {dist.world_size} x "
+              f"process(es) on {how}; batch {recipe.optim.batch_size} = {dist.world_size} x "
               f"{accumulation} x {micro_batch}; {steps_per_epoch} steps/epoch"
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if state is not None else ""),
               file=sys.stderr)
@@ -430,11 +431,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
             step_loss = torch.zeros((), device=dist.device)
             for micro in range(accumulation):
                 if gpu_augment:
-                    encoded, labels, seeds = next(batches)
-                    images = to_device(gpu_augment(encoded, seeds), dist.device, recipe.run.channels_last)
+                    images, labels = gpu_augment(*next(batches))
                 else:
                     images, labels = next(batches)
-                    images = to_device(images, dist.device, recipe.run.channels_last)
+                images = to_device(images, dist.device, recipe.run.channels_last)
                 labels = labels.to(dist.device, non_blocking=True)
                 # DDP all-reduces gradients on the last micro-batch only.
                 sync = nullcontext() if micro == accumulation - 1 or not dist.enabled else model.no_sync()

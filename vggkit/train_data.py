@@ -116,7 +116,7 @@ def pipeline_images_per_second(samples: list[tuple[str, int]], scale: int | tupl
 
 
 class EncodedImages(Dataset):
-    """``(index, epoch)`` -> (encoded bytes or decoded (3, H, W) uint8, label, sample seed).
+    """``(index, epoch)`` -> (encoded bytes or decoded (3, H, W) uint8, label, sample seed, path).
 
     Workers only read files; decoding and augmentation run batched on the GPU
     (``GpuAugment``). Files that are not JPEGs (ImageNet has a few PNGs and CMYK
@@ -140,7 +140,7 @@ class EncodedImages(Dataset):
                     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 else:
                     encoded = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
-                return encoded.contiguous(), label, sample_seed(self.seed, epoch, index)
+                return encoded.contiguous(), label, sample_seed(self.seed, epoch, index), path
             except (OSError, ImageError) as error:
                 warnings.warn(f"Skipping unreadable image {path}: {error}", stacklevel=2)
         raise RuntimeError("No readable image left in the dataset.")
@@ -156,40 +156,65 @@ def _is_rgb_or_grey_jpeg(path: str) -> bool:
 
 
 def collate_encoded(batch):
-    """Keep the variable-length encoded images as a list: [(data, label, seed)] -> (list, labels, seeds)."""
-    data, labels, seeds = zip(*batch)
-    return list(data), torch.tensor(labels), torch.tensor(seeds, dtype=torch.int64)
+    """Keep the variable-length encoded images as a list:
+    [(data, label, seed, path)] -> (list of data, (N,) labels, (N,) seeds, list of paths)."""
+    data, labels, seeds, paths = zip(*batch)
+    return list(data), torch.tensor(labels), torch.tensor(seeds, dtype=torch.int64), list(paths)
 
 
 class GpuAugment:
     """Decode a batch of JPEGs on ``device`` (nvJPEG on CUDA) and apply ``TrainTransform``'s
     augmentation there: rescale to S, random crop, flip, PCA colour shift, normalise.
 
-    (list of encoded images, (N,) seeds) -> (N, 3, crop, crop) float32 on ``device``.
-    The random draws of each image come from a CPU generator seeded by its sample seed.
+    The random draws of each image come from a CPU generator seeded by its sample seed
+    (other draws than the CPU path's ``TrainTransform``: a run is reproducible on either path).
     """
 
     def __init__(self, transform: TrainTransform, device: torch.device | str) -> None:
         self.transform, self.device = transform, torch.device(device)
 
-    def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Encoded JPEG bytes (1-D) or already-decoded (3, H, W) uint8 -> (3, H, W) uint8 on the device."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+    def __call__(self, data: list[torch.Tensor], labels: torch.Tensor, seeds: torch.Tensor,
+                 paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch -> ((N, 3, crop, crop) float32 images, (N,) labels) on the device.
 
+        An image that fails to decode is replaced, with its label, by another of the batch.
+        """
+        images = self.decode(data, paths)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            raise RuntimeError(f"No image of a batch could be decoded: {paths}")
+        source = [i if images[i] is not None else good[i % len(good)] for i in range(len(images))]
+        crops = [self.augment(images[j], int(seeds[j])) for j in source]
+        return self.transform.preprocess.normalize(torch.stack(crops)), labels[source].to(self.device)
+
+    def decode(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor | None]:
+        """Encoded JPEG bytes (1-D) or already-decoded (3, H, W) uint8 -> (3, H, W) uint8 on the device,
+        None where a file does not decode (reported once per batch)."""
         encoded = [i for i, d in enumerate(data) if d.dim() == 1]
         images = [d.to(self.device, non_blocking=True) if d.dim() == 3 else None for d in data]
-        if encoded:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice for decode_jpeg
-                decoded = decode_jpeg([data[i] for i in encoded], mode=ImageReadMode.RGB, device=self.device)
-            for i, image in zip(encoded, decoded):
-                images[i] = image
+        if not encoded:
+            return images
+        try:  # one batched call: nvJPEG decodes the whole list at once
+            decoded = self._decode_jpeg([data[i] for i in encoded])
+        except RuntimeError:  # a corrupt file fails the whole call: decode one by one to find it
+            decoded = []
+            for i in encoded:
+                try:
+                    decoded.append(self._decode_jpeg([data[i]])[0])
+                except RuntimeError as error:
+                    decoded.append(None)
+                    warnings.warn(f"Skipping unreadable image {paths[i]}: {str(error).splitlines()[0]}",
+                                  stacklevel=2)
+        for i, image in zip(encoded, decoded):
+            images[i] = image
         return images
 
-    def __call__(self, data: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
-        images = self.decode(data)
-        crops = [self.augment(image, int(seed)) for image, seed in zip(images, seeds)]
-        return self.transform.preprocess.normalize(torch.stack(crops))
+    def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice for decode_jpeg
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
 
     def augment(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         """(3, H, W) uint8 -> (3, crop, crop) RGB in [0, 1] plus the colour shift, not yet normalised."""
@@ -197,8 +222,9 @@ class GpuAugment:
         generator = torch.Generator().manual_seed(seed)
         size = int(torch.randint(t.scale[0], t.scale[1] + 1, (), generator=generator))
         height, width = image.shape[-2:]
+        # The shortest side becomes S, the other int(S * long / short): torchvision's resize rule.
         short = min(height, width)
-        new_size = (max(size, round(height * size / short)), max(size, round(width * size / short)))
+        new_size = (size, int(size * width / short)) if height <= width else (int(size * height / short), size)
         rgb = image.float().div_(255).unsqueeze(0)
         if new_size != (height, width):
             rgb = F.interpolate(rgb, size=new_size, mode="bilinear", antialias=True, align_corners=False)
