@@ -246,6 +246,9 @@ def test_class_count_mismatch_and_existing_run(imagenet, tmp_path):
         train("A", imagenet, tmp_path / "run", overrides=TINY + ["model.num_classes=1000"])
     with pytest.raises(FileNotFoundError, match="Nothing to resume"):
         train(None, imagenet, tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="Give a recipe"):
+        train(None, imagenet, tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
     (tmp_path / "run" / "last.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"already holds a run \(last\.pt\)\. Pass --resume"):
         train("A", imagenet, tmp_path / "run", overrides=TINY)

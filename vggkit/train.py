@@ -316,12 +316,12 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     resumed later (time-limited cluster jobs). Under torchrun, every process calls this.
     """
     # ---- where the run lives, what it trains on, which recipe
+    if recipe is None and not resume:
+        raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
     output = prepare_output(output_dir, resume)
     state = load_training_state(output / LAST) if resume else None
-    if state is not None:
+    if state is not None:  # the run's own recipe; a recipe given as well is ignored
         recipe = Recipe.from_dict(apply_overrides(state["recipe"], overrides), source=str(output / LAST))
-    elif recipe is None:
-        raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
     elif isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(apply_overrides(recipe.to_dict(), overrides))
     else:
