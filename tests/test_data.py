@@ -192,6 +192,7 @@ def test_finetune_on_a_messy_folder_warns_once_and_trains(tmp_path):
     assert len(result.history) == 1 and sum(result.metrics["support"].values()) == 6  # 20% of 14 and 13
 
 
+@pytest.mark.filterwarnings("ignore:Skipped 1 file")
 def test_a_file_that_breaks_during_training_does_not_stop_the_epoch(tmp_path):
     root = messy_folder(tmp_path / "data")
     # Not verified up front: the corrupt files reach the data loader, which warns and moves on.

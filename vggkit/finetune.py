@@ -270,7 +270,7 @@ def build_model(model: str, weights, num_classes: int, head: str, width: float |
     return vgg
 
 
-def run_epoch(model: VGG, batches, forward, device: torch.device, optimizer=None, generator=None,
+def run_epoch(batches, forward, device: torch.device, optimizer=None, generator=None,
               progress: bool = False, description: str = "") -> tuple[float, float, np.ndarray, np.ndarray]:
     """One pass: mean loss, accuracy, labels and predictions. Trains when an ``optimizer`` is given."""
     total_loss, seen, correct, labels_seen, predicted = 0.0, 0, 0, [], []
@@ -413,10 +413,10 @@ def finetune(
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         set_train_mode(net, frozen)
-        train_loss, train_acc, _, _ = run_epoch(net, train_batches, forward, runtime.device, opt, generator,
+        train_loss, train_acc, _, _ = run_epoch(train_batches, forward, runtime.device, opt, generator,
                                                 progress, f"epoch {epoch}/{epochs} train")
         net.eval()
-        val_loss, val_acc, _, _ = run_epoch(net, val_batches, forward, runtime.device, progress=progress,
+        val_loss, val_acc, _, _ = run_epoch(val_batches, forward, runtime.device, progress=progress,
                                             description=f"epoch {epoch}/{epochs} val")
         seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
         history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
@@ -443,10 +443,10 @@ def finetune(
         else:
             test_batches = ImageBatches(splits.test, eval_transform, batch_size, num_workers, shuffle=False,
                                         seed=seed)
-        _, _, labels, predictions = run_epoch(net, test_batches, forward, runtime.device, description="test")
+        _, _, labels, predictions = run_epoch(test_batches, forward, runtime.device, description="test")
         split = "test"
     else:
-        _, _, labels, predictions = run_epoch(net, val_batches, forward, runtime.device, description="val")
+        _, _, labels, predictions = run_epoch(val_batches, forward, runtime.device, description="val")
         split = "val"
     metrics = classification_metrics(labels, predictions, splits.classes, split)
     train_batches.close()
@@ -467,7 +467,7 @@ def finetune(
     plots = {"training_curves": output_dir / "training_curves.png",
              "confusion_matrix": output_dir / "confusion_matrix.png"}
     plot_training_curves(history, plots["training_curves"], metrics=["loss", "acc"],
-                         title=f"{net.name}, {head} head, {strategy}")
+                         title=f"{net.name}, {head} head, strategy {strategy}")
     plot_confusion_matrix(metrics["confusion_matrix"], splits.classes, plots["confusion_matrix"],
                           title=f"Confusion matrix ({split})")
     return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
