@@ -306,3 +306,18 @@ def test_pipeline_throughput_measures_the_training_transform(imagenet):
         pipeline_images_per_second([])
     with pytest.raises(ValueError, match="smaller than the 224 px crop"):
         pipeline_images_per_second(samples, scale=200)
+
+
+def test_recipes_initialise_from_their_predecessors(tmp_path):
+    from vggkit.train import build_model
+
+    tiny = ["model.num_classes=3", "model.width=0.0625"]
+    net_a = vggkit.create_model("A", num_classes=3, width=0.0625, init="paper")
+    save_checkpoint(net_a, tmp_path / "a.pt")
+    net_b = build_model(Recipe.load("B", tiny + [f"init.from_a='{tmp_path / 'a.pt'}'"]))
+    assert torch.equal(net_b.features.conv3_2.weight, net_a.features.conv3_2.weight)
+    assert torch.equal(net_b.classifier.fc8.weight, net_a.classifier.fc8.weight)
+    net_d = vggkit.create_model("D", num_classes=3, width=0.0625)
+    save_checkpoint(net_d, tmp_path / "d256.pt")
+    net_d384 = build_model(Recipe.load("D-384", tiny + [f"init.weights='{tmp_path / 'd256.pt'}'"]))
+    assert all(torch.equal(a, b) for a, b in zip(net_d384.state_dict().values(), net_d.state_dict().values()))
