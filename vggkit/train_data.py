@@ -92,7 +92,7 @@ class SeededAugment(Dataset):
         with torch.random.fork_rng(devices=[]):
             seed = sample_seed(self.seed, epoch, index)
             random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's drives dropout
             tensor = self.transform(image)
         random.setstate(python_state)
         return tensor, label
