@@ -16,6 +16,9 @@ from vggkit.protocols import (
     grid_crops,
     inference_networks,
     multicrop_predict,
+    protocol_flops,
+    rescaled_size,
+    rescaled_view,
 )
 
 WIDTH = 1 / 32  # 16 channels in block 5, 128-unit fc6/fc7: a 224 crop runs in a few milliseconds
@@ -115,6 +118,17 @@ def test_dense_runs_once_per_flip_and_multicrop_fifty_times():
     multicrop_predict(model, image, scales=(256, 384), batch_size=64)
     assert counts == {"images": 100, "calls": 2}  # 100 crops in batches of 64
     handle.remove()
+
+
+def test_protocol_flops_count_crops_and_whole_images():
+    model = vggkit.create_model("vgg16", width=WIDTH)
+    crop = protocol_flops(model, 224, 224, scales=224, flip=False)
+    assert crop["dense"] == [crop["multicrop"][0] // 25]  # at 224 the dense net is one crop
+    cost = protocol_flops(model, 375, 500, scales=(256, 384, 512))
+    assert cost["multicrop"] == [50 * crop["dense"][0]] * 3
+    assert cost["dense"][0] < cost["dense"][1] < cost["dense"][2] < cost["multicrop"][0]
+    for height, width in ((375, 500), (500, 375), (60, 80), (224, 224)):
+        assert rescaled_view(noise_image(height, width), 384).shape[1:] == rescaled_size(height, width, 384)
 
 
 def test_bad_scales_and_models_are_clear_errors():
@@ -274,7 +288,7 @@ def test_cli_evaluates_a_fine_tuned_checkpoint(tmp_path, capsys):
     assert printed.startswith(f"vgg11 on {data}: 2 images, 2 classes, with flips;")
     assert "| protocol | scales | top-1 error (%) | top-2 error (%) | images | images/s |" in printed
     assert f"| dense | Q = 224,256 | {expected['dense'].top1_error:.2f} | 0.00 | 2 |" in printed
-    assert f"| centre crop | center | {expected['center'].top1_error:.2f} | 0.00 | 2 |" in printed
+    assert f"| centre crop | shortest side 256 | {expected['center'].top1_error:.2f} | 0.00 | 2 |" in printed
     assert (tmp_path / "pred.csv").read_text().count("\n") == 1 + 2 * 2
 
     model.class_names = ["ants", "wasps"]

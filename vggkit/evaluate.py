@@ -107,7 +107,7 @@ class EvaluationResult:
                 f"| protocol | scales | top-1 error (%) | top-{k} error (%) | images | images/s |",
                 "|---|---|---:|---:|---:|---:|"]
         for result in self.protocols.values():
-            scales = "center" if result.protocol == "center" else "Q = " + ",".join(map(str, result.scales))
+            scales = ("shortest side " if result.protocol == "center" else "Q = ") + ",".join(map(str, result.scales))
             rows.append(f"| {PROTOCOL_TITLES[result.protocol]} | {scales} | {result.top1_error:.2f} | "
                         f"{result.top5_error:.2f} | {result.n_images} | {result.images_per_second:.2f} |")
         return "\n".join(rows)
@@ -123,7 +123,8 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     path = Path(model)
     if not path.is_file():
         if weights is None:
-            warnings.warn(f"No weights given: evaluating a randomly initialised {model}.", stacklevel=2)
+            warnings.warn(f"No weights given: evaluating a randomly initialised {model} "
+                          f"(pass weights='imagenet', 'caffe', 'timm' or a file).", stacklevel=2)
         return create_model(str(model), weights=weights)
     if weights is not None:
         raise ValueError(f"{path} is a checkpoint file and brings its own weights; leave out the weights "

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
 from .data import grid_offsets, load_image, rescale_shortest
@@ -122,6 +123,13 @@ def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"Test scale Q={scale!r} must be an integer >= {CROP} "
                              f"(the shortest side must hold a {CROP} px crop).")
     return tuple(int(s) for s in scales)
+
+
+def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
+    """(H, W) after ``rescaled_view``: the shortest side becomes ``scale``, the other keeps the aspect ratio."""
+    if height <= width:
+        return scale, int(scale * width / height)
+    return int(scale * height / width), scale
 
 
 def rescaled_view(image: Image.Image, scale: int) -> torch.Tensor:
@@ -261,3 +269,26 @@ def class_heatmap(model: nn.Module, image: ImageSource, class_index: int, scales
             probability = flip_score_maps(nets, rescaled_view(image, scale), flip).softmax(1)[:, class_index].mean(0)
             heatmap += F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
         return (heatmap / len(scales)).cpu().numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def protocol_flops(model: nn.Module, height: int, width: int, scales: int | Sequence[int] = PAPER_SCALES,
+                   flip: bool = True) -> dict[str, list[int]]:
+    """Floating-point operations (2 per multiply-add) of dense and multi-crop for a ``height`` x ``width``
+    image, per Q: ``{"dense": [...], "multicrop": [...]}``. Counted on a shape-only copy of the model.
+    """
+    vgg = as_vgg(model)
+    with torch.device("meta"):
+        shape_only = VGG(vgg.spec, num_classes=vgg.num_classes, width=vgg.width).eval()
+    dense, views = shape_only.to_fully_conv(), 2 if flip else 1
+
+    def flops(network: nn.Module, batch: int, size: tuple[int, int]) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(torch.empty(batch, 3, *size, device="meta"))
+        return counter.get_total_flops()
+
+    crops = GRID * GRID * views * flops(shape_only, 1, (CROP, CROP))
+    sizes = [rescaled_size(height, width, q) for q in check_scales(scales)]
+    return {"dense": [flops(dense, views, size) for size in sizes], "multicrop": [crops] * len(sizes)}
