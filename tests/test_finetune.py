@@ -189,3 +189,10 @@ def test_cli_finetune(photos, tmp_path, capsys):
     assert code == 0 and f"checkpoint: {tmp_path / 'model.pth'}" in out and "val accuracy" in out
     assert main(["finetune", str(photos), "--num-classes", "5", "--weights", "none"]) == 2
     assert "holds 2 class folder(s): chelsea, coffee" in capsys.readouterr().err
+
+
+def test_load_refuses_a_plain_state_dict_with_the_fix(tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save(vggkit.create_model("vgg11", width=1 / 16).state_dict(), path)
+    with pytest.raises(ValueError, match=r"plain state dict, not a vggkit checkpoint.*create_model\('vgg16', weights="):
+        vggkit.load(path)
