@@ -155,6 +155,26 @@ def test_inference_networks_leave_a_copy_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_fine_tuning_head_runs_centre_and_multicrop_but_not_dense():
+    model = tiny_model(num_classes=3)
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)  # a "linear" fine-tuning head on pooled pool5
+    model.classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(model.feature_channels, 3))
+    image = noise_image(230, 240)
+    assert multicrop_predict(model, image, scales=224).shape == (3,)
+    with pytest.raises(ValueError, match="no fully-convolutional form: use the centre or multi-crop protocol"):
+        dense_predict(model, image, scales=224)
+
+
+def test_bf16_runtime_returns_float32_close_to_fp32():
+    model = tiny_model()
+    view = rescaled_view(noise_image(230, 260), 256)
+    with inference_networks(model, precision="fp32") as fp32, inference_networks(model, precision="bf16") as bf16:
+        assert next(bf16.classifier.parameters()).dtype == torch.bfloat16
+        exact, fast = fp32.score_maps(fp32.normalize(view[None])), bf16.score_maps(bf16.normalize(view[None]))
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape == (1, 10, 2, 3)
+    torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
+
+
 # --------------------------------------------------------------------------- a dataset
 
 

@@ -173,7 +173,8 @@ def match_classes(model: nn.Module, data_dir: str | os.PathLike) -> FolderScan:
                 f"The model's classes do not match the class folders of {scan.root}.\n"
                 f"  model ({len(names)}): {_names(list(names))}\n"
                 f"  folders ({len(scan.classes)}): {_names(scan.classes)}\n"
-                f"  only in the model: {_names(only_model) or '-'}; only in the folders: {_names(only_folder) or '-'}.\n"
+                f"  only in the model: {_names(only_model) or '-'}; "
+                f"only in the folders: {_names(only_folder) or '-'}.\n"
                 f"Evaluate on a folder with one sub-folder per model class.")
         output_index = {name: i for i, name in enumerate(names)}
         scan = FolderScan(scan.root, list(names),

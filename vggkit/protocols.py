@@ -45,10 +45,14 @@ ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class InferenceNetworks:
-    """A VGG in eval mode, its fully-convolutional form (same parameters), its runtime and preprocessing."""
+    """A VGG in eval mode, its fully-convolutional form (same parameters), its runtime and preprocessing.
+
+    ``dense`` is None for a model with another head than the paper's fc6-fc8 (a
+    fine-tuning "linear" or "mlp" head): the centre and multi-crop protocols still run.
+    """
 
     classifier: VGG
-    dense: FullyConvVGG
+    dense: FullyConvVGG | None
     runtime: Runtime
     preprocess: Preprocess
 
@@ -68,6 +72,9 @@ class InferenceNetworks:
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
+        if self.dense is None:
+            raise ValueError("This model's head is not the paper's fc6-fc8 classifier, so it has no "
+                             "fully-convolutional form: use the centre or multi-crop protocol.")
         with torch.inference_mode():
             return self.dense(self.runtime.input(x)).float()
 
@@ -104,7 +111,9 @@ def inference_networks(model: nn.Module, precision: str | None = None,
     flags = {module: module.training for module in vgg.modules()}
     try:
         vgg.eval()
-        yield InferenceNetworks(vgg, vgg.to_fully_conv().eval(), runtime, vgg.preprocess or IMAGENET)
+        has_paper_head = all(hasattr(vgg.classifier, layer) for layer in ("fc6", "fc7", "fc8"))
+        dense = vgg.to_fully_conv().eval() if has_paper_head else None
+        yield InferenceNetworks(vgg, dense, runtime, vgg.preprocess or IMAGENET)
     finally:
         for module, training in flags.items():
             module.training = training
