@@ -155,7 +155,7 @@ def test_inference_networks_leave_a_copy_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_fine_tuning_head_runs_centre_and_multicrop_but_not_dense():
+def test_a_fine_tuning_head_runs_centre_and_multicrop_but_not_dense(labelled_folder):
     model = tiny_model(num_classes=3)
     model.avgpool = torch.nn.AdaptiveAvgPool2d(1)  # a "linear" fine-tuning head on pooled pool5
     model.classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(model.feature_channels, 3))
@@ -163,6 +163,9 @@ def test_a_fine_tuning_head_runs_centre_and_multicrop_but_not_dense():
     assert multicrop_predict(model, image, scales=224).shape == (3,)
     with pytest.raises(ValueError, match="no fully-convolutional form: use the centre or multi-crop protocol"):
         dense_predict(model, image, scales=224)
+    with pytest.raises(ValueError, match="no fully-convolutional form"):
+        vggkit.evaluate(model, labelled_folder, protocol=["center", "dense+multicrop"], workers=0)
+    assert vggkit.evaluate(model, labelled_folder, protocol="center", workers=0, progress=False).n_images == 4
 
 
 def test_bf16_runtime_returns_float32_close_to_fp32():

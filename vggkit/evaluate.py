@@ -278,6 +278,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     with inference_networks(model, precision, device) as nets:
+        if any(p in ("dense", "dense+multicrop") for p in protocols):
+            nets.require_dense()  # before reading any image
         preprocess = nets.preprocess
         views = ProtocolViews(scales if protocols != ["center"] else (),
                               preprocess if "center" in protocols else None)

@@ -70,13 +70,18 @@ class InferenceNetworks:
         with torch.inference_mode():
             return self.classifier(self.runtime.input(x)).float()
 
-    def score_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
+    def require_dense(self) -> FullyConvVGG:
+        """The fully-convolutional form, or a clear error for a model without the paper's head."""
         if self.dense is None:
             raise ValueError("This model's head is not the paper's fc6-fc8 classifier, so it has no "
                              "fully-convolutional form: use the centre or multi-crop protocol.")
+        return self.dense
+
+    def score_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
+        dense = self.require_dense()
         with torch.inference_mode():
-            return self.dense(self.runtime.input(x)).float()
+            return dense(self.runtime.input(x)).float()
 
 
 def as_vgg(model: nn.Module) -> VGG:
