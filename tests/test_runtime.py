@@ -1,0 +1,195 @@
+"""vggkit.runtime: what ``precision="auto"`` picks on which hardware, the inference copy, and the bf16 accuracy guard."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import vggkit
+from vggkit import runtime as rt
+from vggkit.info import runtime_report
+
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Simulate a CPU with the given /proc/cpuinfo flags (no CUDA, no environment override)."""
+    monkeypatch.delenv(rt.BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def simulate(flags):
+        monkeypatch.setattr(rt, "cpu_flags", lambda: frozenset(flags))
+    return simulate
+
+
+# --------------------------------------------------------------------------- choices
+
+
+def test_auto_is_float32_channels_last_on_a_cpu_without_bf16(cpu):
+    cpu(AVX2_ONLY)
+    runtime = rt.choose_runtime("auto")
+    assert (runtime.device, runtime.dtype, runtime.channels_last) == (torch.device("cpu"), torch.float32, True)
+    assert runtime.describe() == "cpu fp32 channels_last"
+    assert "without AMX-bf16 or AVX-512-bf16" in runtime.reason
+    assert not rt.cpu_has_fast_bf16()
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", "avx512_bf16"])
+def test_auto_is_bf16_where_the_cpu_has_it(cpu, flag):
+    cpu(AVX2_ONLY | {flag, "avx512f"})
+    runtime = rt.choose_runtime("auto", device="cpu")
+    assert (runtime.dtype, runtime.channels_last) == (torch.bfloat16, True)
+    assert runtime.describe() == "cpu bf16 channels_last"
+    assert flag in runtime.reason
+
+
+def test_environment_overrides_detection(cpu, monkeypatch):
+    cpu(AVX2_ONLY | {"amx_bf16"})
+    monkeypatch.setenv(rt.BF16_ENV, "0")
+    assert rt.choose_runtime().dtype == torch.float32
+    assert rt.choose_runtime().reason == f"{rt.BF16_ENV}=0"
+    cpu(AVX2_ONLY)
+    monkeypatch.setenv(rt.BF16_ENV, "1")
+    assert rt.choose_runtime().dtype == torch.bfloat16
+
+
+def test_forced_precisions_and_their_errors(cpu):
+    cpu(AVX2_ONLY)
+    assert rt.choose_runtime("bf16").dtype == torch.bfloat16  # forced: slow here, but it runs
+    assert rt.choose_runtime("fp32").dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16 is for CUDA only"):
+        rt.choose_runtime("fp16")
+    with pytest.raises(ValueError, match=r"Unknown precision 'float32'; choose from \('auto', 'fp32'"):
+        rt.choose_runtime("float32")
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        rt.choose_runtime(compile="yes")
+
+
+def test_compile_auto_only_for_long_jobs_where_it_gains(cpu):
+    cpu(AVX2_ONLY)
+    assert not rt.choose_runtime(compile="auto", long_job=True).compile  # float32 CPU: eager oneDNN already
+    assert rt.choose_runtime(compile=True).compile
+    cpu(AVX2_ONLY | {"amx_bf16"})
+    assert rt.choose_runtime(compile="auto", long_job=True).compile
+    assert not rt.choose_runtime(compile="auto", long_job=False).compile
+
+
+def test_info_runtime_reports_the_choice(cpu):
+    cpu(AVX2_ONLY)
+    report = runtime_report()
+    assert report.splitlines()[0] == "runtime: cpu fp32 channels_last"
+    assert "CPU bf16 support (AMX or AVX-512-bf16): no" in report
+    cpu(AVX2_ONLY | {"avx512_bf16"})
+    assert runtime_report().splitlines()[0] == "runtime: cpu bf16 channels_last"
+
+
+def test_input_is_copied_at_most_once():
+    runtime = rt.Runtime(torch.device("cpu"), torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8)
+    moved = runtime.input(x)
+    assert moved.dtype == torch.bfloat16 and moved.is_contiguous(memory_format=torch.channels_last)
+    assert moved.shape == x.shape and torch.equal(moved, x.bfloat16())
+    ready = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert rt.Runtime(torch.device("cpu"), torch.float32).input(ready) is ready
+
+
+# --------------------------------------------------------------------------- the inference copy
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_optimize_leaves_the_model_an_ordinary_trainable_float32_module(precision):
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+
+    fast = vggkit.optimize(model, precision=precision)
+
+    assert model.training
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == torch.float32 and parameter.requires_grad, name
+        assert parameter.is_contiguous(), name  # not turned channels_last behind the user's back
+        assert torch.equal(parameter, before[name]) and parameter.data_ptr() == pointers[name], name
+    assert all(p.dtype == DTYPE[precision] and not p.requires_grad for p in fast.model.parameters())
+    assert not fast.model.training
+
+    x = torch.randn(2, 3, 64, 64)
+    fast_before = fast(x)
+    loss = F.cross_entropy(model(x), torch.tensor([1, 3]))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.features.conv1_1.weight, before["features.conv1_1.weight"])
+    # The copy shares no storage with the model: training the model leaves it as it was.
+    assert torch.equal(fast(x), fast_before)
+    with pytest.raises(RuntimeError, match="inference copy; train the original"):
+        fast.train()
+
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def test_optimized_output_is_float32_and_matches_the_model():
+    model = vggkit.create_model("vgg16", width=1 / 16, num_classes=7).eval()
+    fast = vggkit.optimize(model, precision="fp32")
+    x = torch.randn(3, 3, 64, 64)
+    out = fast(x)
+    assert out.dtype == torch.float32 and out.shape == (3, 7) and not out.requires_grad
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    assert fast.preprocess is model.preprocess and fast.num_classes == 7
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_optimized_backbone_returns_float32_dicts(precision):
+    net = vggkit.backbone("vgg16", layers=["conv3_3", "conv5_3", "fc7"], width=1 / 16, pad_fc6=True).eval()
+    fast = vggkit.optimize(net, precision=precision)
+    x = torch.randn(2, 3, 64, 64)
+    out, reference = fast(x), net(x)
+    assert list(out) == ["conv3_3", "conv5_3", "fc7"]
+    for name in out:
+        assert out[name].dtype == torch.float32 and out[name].shape == reference[name].shape
+        tolerance = 1e-4 if precision == "fp32" else 5e-2
+        torch.testing.assert_close(out[name], reference[name], rtol=tolerance, atol=tolerance * 2)
+
+
+def test_shared_parameters_stay_shared_in_the_copy():
+    vgg = vggkit.create_model("vgg11", width=1 / 16)
+    both = nn.ModuleDict({"vgg": vgg, "dense": vgg.to_fully_conv()})
+    copy = rt.inference_copy(both, rt.Runtime(torch.device("cpu"), torch.bfloat16))
+    assert copy["dense"].fc6.weight is copy["vgg"].classifier.fc6.weight
+    assert copy["vgg"].features.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------- the bf16 accuracy guard
+
+
+class Probe(nn.Module):
+    """(N, 3, 224, 224) -> {"conv5_3": (N, 512, 14, 14), "fc7": (N, 4096), "logits": (N, 1000)}."""
+
+    def __init__(self, vgg: vggkit.VGG) -> None:
+        super().__init__()
+        self.vgg = vgg
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        conv5_3 = self.vgg.features[:-1](x)
+        fc7 = self.vgg.forward_head(self.vgg.features[-1](conv5_3), pre_logits=True)
+        return {"conv5_3": conv5_3, "fc7": fc7, "logits": self.vgg.classifier.fc8(fc7)}
+
+
+def test_bf16_features_agree_with_float32_on_photographs():
+    """Full-size vgg16: the bf16 path's conv5_3 and fc7 have cosine >= 0.999 to float32, the same top-1."""
+    from skimage import data as photos
+
+    model = vggkit.create_model("vgg16").eval()
+    images = [photos.chelsea(), photos.coffee(), photos.astronaut(), photos.rocket()]
+    x = torch.stack([model.preprocess(Image.fromarray(np.asarray(image))) for image in images])
+    probe = Probe(model)
+    with torch.no_grad():
+        exact = probe(x)
+    fast = vggkit.optimize(probe, precision="bf16")
+    approx = fast(x)
+    for layer in ("conv5_3", "fc7"):
+        cosine = F.cosine_similarity(approx[layer].flatten(1), exact[layer].flatten(1))
+        assert cosine.min() >= 0.999, (layer, cosine)
+    assert torch.equal(approx["logits"].argmax(1), exact["logits"].argmax(1))
