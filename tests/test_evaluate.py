@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import vggkit
+from vggkit.data import load_image
 from vggkit.evaluate import PROTOCOLS
 from vggkit.preprocess import CAFFE, IMAGENET
 from vggkit.protocols import (
@@ -265,6 +266,17 @@ def test_protocols_equal_a_plain_reference_loop(labelled_folder, tmp_path):
         result.top1_error
     table = result.table()
     assert "| dense + multi-crop | Q = 224,256 |" in table and "top-3 error (%)" in table
+
+
+def test_every_image_is_decoded_once_for_all_protocols(labelled_folder, monkeypatch):
+    import sys
+
+    module = sys.modules["vggkit.evaluate"]
+    decoded = []
+    monkeypatch.setattr(module, "load_image", lambda path: decoded.append(path) or load_image(path))
+    vggkit.evaluate(tiny_model(num_classes=3), labelled_folder, protocol=["center", "dense", "dense+multicrop"],
+                    scales=224, flip=False, workers=0, progress=False)
+    assert sorted(decoded) == sorted(str(path) for path in labelled_folder.glob("*/*.png"))
 
 
 def test_one_protocol_reads_as_attributes(labelled_folder):
