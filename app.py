@@ -161,7 +161,9 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
                                                "(default: the top prediction)")
                         sm_sizes = gr.Dataframe(label="Raw class score map sizes", interactive=False, elem_id="sm-sizes")
                     with gr.Column(scale=3):
-                        sm_overlay = gr.Plot(label="Class score map over the image", format="png", elem_id="sm-overlay")
+                        sm_overlay = gr.Plot(label="Class score map over the image (softmax probability, mean "
+                                                   "over the scales and the mirror image)", format="png",
+                                             elem_id="sm-overlay")
                         sm_top5 = gr.Dataframe(label="Top 5 (dense, averaged over flips and scales)",
                                                interactive=False, elem_id="sm-top5")
 
@@ -180,11 +182,14 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
             with gr.Tab("Models", id="models"):
                 gr.Markdown("Tables 1 and 2 of the paper, generated from vggkit's configurations; parameters are "
                             "counted from built modules.")
-                gr.Dataframe(views.table1(), label="Table 1: configurations", interactive=False, elem_id="table1")
+                gr.Dataframe(views.table1(), label="Table 1: configurations", interactive=False, wrap=True,
+                             column_widths=["10%"] + ["15%"] * len(PAPER_CONFIGS), elem_id="table1")
+                gr.Dataframe(views.table2(), label="Table 2: parameters", interactive=False, elem_id="table2")
                 with gr.Row():
-                    gr.Dataframe(views.table2(), label="Table 2: parameters", interactive=False, elem_id="table2")
-                    gr.Plot(views.parameter_figure(), label="Where the parameters are", format="png", elem_id="parameters")
-                gr.Dataframe(network.weights_table(), label="Loaded weights", interactive=False, elem_id="weights")
+                    gr.Plot(views.parameter_figure(), label="Where the parameters are", format="png",
+                            elem_id="parameters")
+                    gr.Dataframe(network.weights_table(), label="Loaded weights", interactive=False, wrap=True,
+                                 elem_id="weights")
 
         # -------------------------------------------------------------- wiring
 

@@ -459,8 +459,7 @@ class DemoModel:
             raise ValueError(f"Class {class_index} is out of range: this model has {len(self.class_names)} classes.")
         heat = self._heatmap(key, class_index, scales)
         title = (f"{self.class_names[class_index]} (class {class_index}), p = {float(probabilities[class_index]):.3f}"
-                 f"{'' if self.trained else ', UNTRAINED weights'}\nmean over Q = {', '.join(map(str, scales))} "
-                 f"and the mirror image")
+                 f"{'' if self.trained else ', UNTRAINED weights'}")
         overlay = plot_heatmap_overlay(np.asarray(key.image), heat, title, "softmax probability", vmin=0.0)
         return ScoreMapsView(top5, overlay, score_map_sizes(key.image.size, scales), class_index)
 
