@@ -155,7 +155,8 @@ def plot_stack_receptive_fields(depth: int, path: str | os.PathLike | None = Non
     """
     reach = 2 * depth + 1
     half = depth + 2  # draw two spare pixels either side of the receptive field
-    figure = Figure(figsize=(9.0, 0.5 * (depth + 1) + 1.1))
+    # Equal aspect: size the figure to the drawing (x spans 2*half+5 cells, y depth+1.6 rows) plus the titles.
+    figure = Figure(figsize=(9.0, 4.2 * (depth + 1.6) / (2 * half + 5) + 1.0))
     left, right = figure.subplots(1, 2, sharey=True)
     for ax, kernel_depths, title in (
         (left, [3] * depth, f"{depth} x conv3x3: {reach} px, {9 * depth}C² weights, {depth} ReLU"),
