@@ -113,6 +113,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench, write_outputs
+
+    result = run_bench(quick=args.quick)
+    write_outputs(result, args.json, args.markdown)
+    print(result.markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vggkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -286,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     predict.set_defaults(handler=_predict)
+
+    bench = sub.add_parser("bench", help="vggkit's default paths against torchvision and timm on this machine",
+                           description="Time vgg16 on this machine in one process: classification forward, "
+                                       "backbone features, dense vs multi-crop evaluation, cached vs uncached "
+                                       "head fine-tuning and the training data pipeline, each against torchvision's "
+                                       "or timm's default on the same weights and inputs, with the fraction of the "
+                                       "matmul peak measured in the same run. Prints a Markdown table; takes "
+                                       "several minutes (--quick: about three).")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller batches, no bf16/compile rows")
+    bench.add_argument("--json", metavar="PATH", help="also write the rows and machine facts as JSON")
+    bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
+    bench.set_defaults(handler=_bench)
 
     # Further subcommands register here (train, evaluate, finetune, extract, predict, bench).
     return parser
