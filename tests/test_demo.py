@@ -175,6 +175,20 @@ def test_untrained_weights_are_said_and_a_file_loads(tmp_path, offline_hub, monk
         demo.load_demo_model("vgg11", tmp_path / "missing.pth")
 
 
+def test_large_photographs_are_scaled_down_on_opening(tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.new("RGB", (3000, 2000), (200, 100, 50)).save(path)
+    assert demo.open_image(path).size == (1536, 1024)
+    assert demo.open_image(CAT).size == (451, 300)
+
+
+def test_a_batch_norm_model_is_its_own_config():
+    network = demo.load_demo_model("vgg11_bn", "none", width=1 / 16)
+    assert network.network("A") is network.model and network.network("vgg11") is network.model
+    assert network.network("B") is not network.model
+    assert "the loaded weights" in network.receptive_field_view(CAT, "A", "conv2_1").summary
+
+
 def test_bad_images_are_refused_with_the_file_name(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (8000, 6000)).save(bomb)  # 48 million pixels in a few kilobytes

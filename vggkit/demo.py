@@ -15,6 +15,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,7 @@ from .weights import WeightsError, WeightsUnavailableError, count_parameters, cr
 CROP = 224  # the receptive-field and feature-map views work on the paper's 224 px crop
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
 MAX_PIXELS = 40_000_000  # uploads above this many pixels are refused (decompression bombs; pointless here)
+MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 RELEASES = ("imagenet", "timm", "caffe")
 TOP_K = 5
@@ -48,10 +50,15 @@ TOP_K = 5
 
 
 def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> Image.Image:
-    """An upright RGB PIL image from a path, PIL image or array; ``ImageError`` names the file otherwise."""
+    """An upright RGB PIL image from a path, PIL image or array; ``ImageError`` names the file otherwise.
+
+    A shortest side above ``MAX_SHORT_SIDE`` is scaled down to it: every view rescales to at
+    most 512 px anyway, and the caches then hold small pictures.
+    """
     if source is None:
         raise ValueError("No image: pick an example or upload a photograph.")
-    return load_image(source, max_pixels=MAX_PIXELS)
+    image = load_image(source, max_pixels=MAX_PIXELS)
+    return rescale_shortest(image, MAX_SHORT_SIDE) if min(image.size) > MAX_SHORT_SIDE else image
 
 
 @dataclass(frozen=True, eq=False)
@@ -307,6 +314,7 @@ class DemoModel:
             self.class_names = [f"class {i}" for i in range(model.num_classes)]
         self._fast_features: torch.nn.Module | None = None
         self._fast_model: torch.nn.Module | None = None
+        self._lock = threading.Lock()
         # Per-instance caches keyed on ImageKey (the picture's pixels) and the view's settings.
         self._receptive_field_view = functools.lru_cache(cache_size)(self._compute_receptive_field_view)
         self._activations = functools.lru_cache(2)(self._compute_activations)
@@ -357,9 +365,9 @@ class DemoModel:
         return create_model(config, width=self.model.width).eval()
 
     def network(self, config: str) -> VGG:
-        """The loaded model for its own configuration; a random-weight one (same width) for another."""
+        """The loaded model for its own configuration letter; a random-weight one (same width) for another."""
         spec = resolve(config)
-        if spec.config == self.config and spec.batch_norm == self.model.spec.batch_norm:
+        if spec.config == self.config:
             return self.model
         return self._network(spec.name)
 
@@ -403,8 +411,9 @@ class DemoModel:
 
     def _compute_activations(self, key: ImageKey) -> dict[str, np.ndarray]:
         """Every spatial layer's activations on the 224 px crop: (C, h, w) float16 arrays."""
-        if self._fast_features is None:
-            self._fast_features = optimize(VGGBackbone(self.model, self.layers))
+        with self._lock:
+            if self._fast_features is None:
+                self._fast_features = optimize(VGGBackbone(self.model, self.layers))
         maps = self._fast_features(self.network_input(square_crop(key.image)))
         return {layer: value[0].cpu().numpy().astype(np.float16) for layer, value in maps.items()}
 
@@ -435,8 +444,9 @@ class DemoModel:
 
     def fast_model(self) -> torch.nn.Module:
         """The inference copy under vggkit's runtime, made on first use."""
-        if self._fast_model is None:
-            self._fast_model = optimize(self.model)
+        with self._lock:  # callbacks run in several threads: make one copy, not one per thread
+            if self._fast_model is None:
+                self._fast_model = optimize(self.model)
         return self._fast_model
 
     def _compute_probabilities(self, key: ImageKey, scales: tuple[int, ...]) -> torch.Tensor:
