@@ -147,7 +147,7 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
                 st_measure = gr.Button("Measure both as PyTorch modules on this machine", elem_id="st-measure")
                 st_measured = gr.Dataframe(label="Measured", interactive=False, elem_id="st-measured")
 
-            with gr.Tab("Class score maps", id="score-maps"):
+            with gr.Tab("Class score maps", id="score-maps") as score_tab:
                 gr.Markdown(
                     "Section 3.2, dense evaluation: fc6-fc8 become convolutions, the network runs on the whole "
                     "image rescaled to shortest side Q and gives a class score map of floor(side/32) - 6 per side; "
@@ -167,7 +167,7 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
                         sm_top5 = gr.Dataframe(label="Top 5 (dense, averaged over flips and scales)",
                                                interactive=False, elem_id="sm-top5")
 
-            with gr.Tab("Feature maps", id="feature-maps"):
+            with gr.Tab("Feature maps", id="feature-maps") as feature_tab:
                 gr.Markdown("The activations of a named layer on the 224 px centre crop, channels with the "
                             "largest mean activation first.")
                 with gr.Row():
@@ -213,10 +213,11 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         gr.on([fm_image.change, fm_layer.input, fm_count.release], feature_maps, [fm_image, fm_layer, fm_count],
               [fm_grid, fm_info], api_name="feature_maps")
 
+        # The first tab fills on page load; the heavier tabs when first opened (then from the cache).
         app.load(receptive_field, rf_inputs, rf_outputs, api_visibility="private")
         app.load(compare_stacks, st_inputs, [st_costs, st_drawing], api_visibility="private")
-        app.load(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private")
-        app.load(score_maps, [sm_image, sm_scales], sm_outputs, api_visibility="private")
+        score_tab.select(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_visibility="private")
+        feature_tab.select(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private")
     return app
 
 
