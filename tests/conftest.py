@@ -31,5 +31,6 @@ def offline_hub(tmp_path, monkeypatch):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)  # torch.hub imported its own reference
     yield tmp_path / "torch_home" / "hub" / "checkpoints"
     torch.hub.set_dir(os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub"))
