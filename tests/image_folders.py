@@ -51,12 +51,13 @@ def make_photo_crops(root: Path, per_class: int = 40, crop: int = 96, seed: int 
 
 
 def stripes_image(vertical: bool, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """A two-colour grating of random period, phase and colours; vertical or horizontal stripes."""
+    """A two-colour grating of random period, phase and contrasting colours; vertical or horizontal."""
     period = rng.uniform(6, 16)
     phase = rng.uniform(0, period)
     ramp = (np.arange(size) + phase) % period < period / 2
     mask = np.tile(ramp, (size, 1)) if vertical else np.tile(ramp[:, None], (1, size))
-    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    a = rng.integers(0, 256, 3)
+    b = (a + rng.integers(96, 160, 3)) % 256  # every channel differs: the stripes always show
     pixels = np.where(mask[..., None], a, b) + rng.normal(0, 20, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
