@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -296,6 +296,64 @@ def run_epoch(batches, forward, device: torch.device, optimizer=None, generator=
     return total_loss / len(labels_all), float((labels_all == predicted_all).mean()), labels_all, predicted_all
 
 
+@dataclass
+class TrainingInputs:
+    """Batches for each split and the forward pass that turns a batch into logits."""
+
+    train: "FrozenBackboneBatches | ImageBatches"
+    val: "FrozenBackboneBatches | ImageBatches"
+    test: "FrozenBackboneBatches | ImageBatches | None"
+    forward: Callable[[torch.Tensor], torch.Tensor]
+
+    def close(self) -> None:
+        for batches in (self.train, self.val, self.test):
+            if batches is not None:
+                batches.close()
+
+
+def eval_transform_of(net: VGG) -> EvalTransform:
+    """The weights' own test-time transform: resize the shortest side, centre crop, normalise."""
+    preprocess = net.preprocess
+    return EvalTransform(scale=preprocess.resize_size, crop=preprocess.input_size, preprocess=preprocess)
+
+
+def frozen_backbone_inputs(net: VGG, splits: DataSplits, flip: bool, cache: str | None, cache_dir: Path,
+                           device: torch.device, batch_size: int, num_workers: int, progress: bool) -> TrainingInputs:
+    """Head-only training: pool5 of the image (and its mirror with ``flip``) through the runtime's
+    copy of the backbone, cached (``cache`` = storage) or recomputed (None); the head trains on it."""
+    backbone = optimize(net.features, device=device)
+    transform = eval_transform_of(net)
+    common = dict(batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+    train = FrozenBackboneBatches(backbone, splits.train, transform, 2 if flip else 1, cache=cache, name="train",
+                                  **common)
+    val = FrozenBackboneBatches(backbone, splits.val, transform, 1, cache=cache, name="val", **common)
+    test = FrozenBackboneBatches(backbone, splits.test, transform, 1, cache=None, name="test",
+                                 **common) if splits.test else None
+    return TrainingInputs(train, val, test, net.forward_head)
+
+
+def image_inputs(net: VGG, frozen: int, splits: DataSplits, flip: bool, seed: int, batch_size: int,
+                 num_workers: int) -> TrainingInputs:
+    """Training with conv layers: augmented images (scale jitter from the resize side to 1.5x it, random
+    crop, flip, colour shift); the frozen leading blocks run without keeping activations."""
+    preprocess = net.preprocess
+    augment = TrainTransform(scale=(preprocess.resize_size, int(round(preprocess.resize_size * 1.5))),
+                             crop=preprocess.input_size, flip=flip, preprocess=preprocess)
+    transform = eval_transform_of(net)
+    train = ImageBatches(splits.train, augment, batch_size, num_workers, shuffle=True, seed=seed)
+    val = ImageBatches(splits.val, transform, batch_size, num_workers, shuffle=False, seed=seed)
+    test = ImageBatches(splits.test, transform, batch_size, num_workers, shuffle=False,
+                        seed=seed) if splits.test else None
+    frozen_layers, trained_layers = net.features[:frozen], net.features[frozen:]
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # no activations kept for the frozen blocks
+            features = frozen_layers(images)
+        return net.forward_head(trained_layers(features))
+
+    return TrainingInputs(train, val, test, forward)
+
+
 def _trainable_state(model: VGG, frozen: int) -> dict[str, torch.Tensor]:
     """A copy of the weights that change in training (head and unfrozen conv layers)."""
     frozen_names = {name for name, _ in list(model.features.named_children())[:frozen]}
@@ -365,37 +423,17 @@ def finetune(
     freeze(net, frozen)
     runtime = choose_runtime(device=device)
     net.to(runtime.device)
-    preprocess = net.preprocess
-    eval_transform = EvalTransform(scale=preprocess.resize_size, crop=preprocess.input_size, preprocess=preprocess)
 
-    cache_storage = None
+    cache = None if cache_features is False or strategy != "head" else (
+        "auto" if cache_features is True else cache_features)
     cache_start = time.perf_counter()
     if strategy == "head":
-        backbone = optimize(net.features, device=runtime.device)
-        cache_storage = None if cache_features is False else ("auto" if cache_features is True else cache_features)
-        cache_dir = output_dir / "feature_cache"
-        common = dict(batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
-        train_batches = FrozenBackboneBatches(backbone, splits.train, eval_transform, 2 if flip else 1,
-                                              cache=cache_storage, name="train", **common)
-        val_batches = FrozenBackboneBatches(backbone, splits.val, eval_transform, 1, cache=cache_storage,
-                                            name="val", **common)
-        if train_batches.cache is not None:
-            cache_storage = train_batches.cache.storage
-
-        def forward(pool5: torch.Tensor) -> torch.Tensor:
-            return net.forward_head(pool5)
+        inputs = frozen_backbone_inputs(net, splits, flip, cache, output_dir / "feature_cache", runtime.device,
+                                        batch_size, num_workers, progress)
     else:
-        train_transform = TrainTransform(scale=(preprocess.resize_size, int(round(preprocess.resize_size * 1.5))),
-                                         crop=preprocess.input_size, flip=flip, preprocess=preprocess)
-        train_batches = ImageBatches(splits.train, train_transform, batch_size, num_workers, shuffle=True, seed=seed)
-        val_batches = ImageBatches(splits.val, eval_transform, batch_size, num_workers, shuffle=False, seed=seed)
-        frozen_layers, trained_layers = net.features[:frozen], net.features[frozen:]
-
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():  # no activations kept for the frozen blocks
-                features = frozen_layers(images)
-            return net.forward_head(trained_layers(features))
-    cache_seconds = time.perf_counter() - cache_start if cache_storage else 0.0
+        inputs = image_inputs(net, frozen, splits, flip, seed, batch_size, num_workers)
+    cache_seconds = time.perf_counter() - cache_start if cache else 0.0
+    cache_storage = inputs.train.cache.storage if cache else None
 
     lr = lr if lr is not None else DEFAULT_LR[optimizer]
     groups = parameter_groups(net, frozen, lr, backbone_lr_scale)
@@ -410,65 +448,62 @@ def finetune(
 
     history: list[dict] = []
     best_key, best_epoch, best_state, stale = None, 0, None, 0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        set_train_mode(net, frozen)
-        train_loss, train_acc, _, _ = run_epoch(train_batches, forward, runtime.device, opt, generator,
-                                                progress, f"epoch {epoch}/{epochs} train")
+    try:
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            set_train_mode(net, frozen)
+            train_loss, train_acc, _, _ = run_epoch(inputs.train, inputs.forward, runtime.device, opt, generator,
+                                                    progress, f"epoch {epoch}/{epochs} train")
+            net.eval()
+            val_loss, val_acc, _, _ = run_epoch(inputs.val, inputs.forward, runtime.device, progress=progress,
+                                                description=f"epoch {epoch}/{epochs} val")
+            seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
+            history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                            "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+            if progress:
+                tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
+                           f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
+            key = (val_acc, -val_loss)
+            if best_key is None or key > best_key:
+                best_key, best_epoch, best_state, stale = key, epoch, _trainable_state(net, frozen), 0
+            else:
+                stale += 1
+            if stale >= patience:
+                break
+            scheduler.step(val_acc)
+        net.load_state_dict(best_state, strict=False)
         net.eval()
-        val_loss, val_acc, _, _ = run_epoch(val_batches, forward, runtime.device, progress=progress,
-                                            description=f"epoch {epoch}/{epochs} val")
-        seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                        "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
-        if progress:
-            tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-                       f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
-        key = (val_acc, -val_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch, best_state, stale = key, epoch, _trainable_state(net, frozen), 0
-        else:
-            stale += 1
-        if stale >= patience:
-            break
-        scheduler.step(val_acc)
-    net.load_state_dict(best_state, strict=False)
-    net.eval()
-
-    if splits.test:
-        if strategy == "head":
-            test_batches = FrozenBackboneBatches(backbone, splits.test, eval_transform, 1, cache=None, name="test",
-                                                 batch_size=batch_size, cache_dir=output_dir,
-                                                 num_workers=num_workers, progress=progress)
-        else:
-            test_batches = ImageBatches(splits.test, eval_transform, batch_size, num_workers, shuffle=False,
-                                        seed=seed)
-        _, _, labels, predictions = run_epoch(test_batches, forward, runtime.device, description="test")
-        split = "test"
-    else:
-        _, _, labels, predictions = run_epoch(val_batches, forward, runtime.device, description="val")
-        split = "val"
+        split = "test" if inputs.test is not None else "val"
+        _, _, labels, predictions = run_epoch(inputs.test or inputs.val, inputs.forward, runtime.device,
+                                              description=split)
+    finally:
+        inputs.close()
     metrics = classification_metrics(labels, predictions, splits.classes, split)
-    train_batches.close()
-    val_batches.close()
 
     config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
               "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
               "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
               "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
-              "image_size": preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
+              "image_size": net.preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
               "patience": patience, "cache_features": cache_storage, "seed": seed}
     net.weights_info = {"source": f"finetuned on {data_dir}", "from": config["weights"], "best_epoch": best_epoch,
                         "accuracy": metrics["accuracy"]}
     checkpoint = save_checkpoint(net, output_dir / "model.pth", head=net.head_config, finetune=config,
                                  history=history, metrics=metrics)
+    plots = save_plots(history, metrics, splits.classes, output_dir, title=f"{net.name}, {head} head, "
+                                                                           f"strategy {strategy}")
+    return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
+                          cache_storage, cache_seconds)
+
+
+def save_plots(history: list[dict], metrics: dict, class_names: list[str], output_dir: Path,
+               title: str) -> dict[str, Path]:
+    """Training curves and the confusion matrix as PNGs in ``output_dir``."""
     from .plots import plot_confusion_matrix, plot_training_curves
 
     plots = {"training_curves": output_dir / "training_curves.png",
              "confusion_matrix": output_dir / "confusion_matrix.png"}
-    plot_training_curves(history, plots["training_curves"], metrics=["loss", "acc"],
-                         title=f"{net.name}, {head} head, strategy {strategy}")
-    plot_confusion_matrix(metrics["confusion_matrix"], splits.classes, plots["confusion_matrix"],
-                          title=f"Confusion matrix ({split})")
-    return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
-                          cache_storage, cache_seconds)
+    plot_training_curves(history, plots["training_curves"], metrics=["loss", "acc"], title=title)
+    plot_confusion_matrix(metrics["confusion_matrix"], class_names, plots["confusion_matrix"],
+                          title=f"Confusion matrix ({metrics['split']})")
+    return plots
