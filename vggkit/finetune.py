@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .configs import resolve
 from .data import EvalTransform, FolderScan, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
 from .feature_cache import FeatureCache, FlipViews
 from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
-from .runtime import choose_runtime, optimize
-from .configs import resolve
 from .predict import load
+from .runtime import choose_runtime, optimize
 from .weights import checkpoint_metadata, create_model, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
