@@ -9,6 +9,7 @@ from torch import nn
 
 import vggkit
 from vggkit import runtime as rt
+from vggkit.fusion import PACKED_SHAPES, PackedConv2d, onednn_available
 from vggkit.info import runtime_report
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
@@ -80,10 +81,11 @@ def test_compile_auto_only_for_long_jobs_where_it_gains(cpu):
 def test_info_runtime_reports_the_choice(cpu):
     cpu(AVX2_ONLY)
     report = runtime_report()
-    assert report.splitlines()[0] == "runtime: cpu fp32 channels_last"
+    assert report.splitlines()[:2] == ["runtime: cpu fp32 channels_last",
+                                       "why: CPU without AMX-bf16 or AVX-512-bf16: bf16 would be emulated (slow)"]
     assert "CPU bf16 support (AMX or AVX-512-bf16): no" in report
     cpu(AVX2_ONLY | {"avx512_bf16"})
-    assert runtime_report().splitlines()[0] == "runtime: cpu bf16 channels_last"
+    assert runtime_report().splitlines()[:2] == ["runtime: cpu bf16 channels_last", "why: CPU with avx512_bf16"]
 
 
 def test_input_is_copied_at_most_once():
@@ -193,3 +195,39 @@ def test_bf16_features_agree_with_float32_on_photographs():
         cosine = F.cosine_similarity(approx[layer].flatten(1), exact[layer].flatten(1))
         assert cosine.min() >= 0.999, (layer, cosine)
     assert torch.equal(approx["logits"].argmax(1), exact["logits"].argmax(1))
+
+
+# --------------------------------------------------------------------------- the CPU rewrite of the copy
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn"])
+def test_packed_conv_relu_copy_computes_what_the_model_computes(name):
+    model = vggkit.create_model(name, width=1 / 16).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics that folding must honour
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 2)
+    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    conv = fast.model.features.conv1_1
+    assert isinstance(conv, PackedConv2d) and conv.relu
+    assert isinstance(fast.model.features.relu1_1, nn.Identity)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
+    for side in (64, 96, 64, 72, 80, 88, 64):  # more shapes than are kept packed
+        x = torch.randn(2, 3, side, side)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(conv._packed) == PACKED_SHAPES
+    # Under autograd the same module runs the ordinary convolution.
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    conv(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_backbone_taps_read_the_same_maps_after_the_rewrite():
+    net = vggkit.backbone("vgg16", layers=["conv1_2", "conv3_3", "pool4", "fc7"], width=1 / 16, pad_fc6=True).eval()
+    fast = vggkit.optimize(net, precision="fp32", device="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    out, reference = fast(x), net(x)
+    for layer in reference:
+        torch.testing.assert_close(out[layer], reference[layer], rtol=1e-4, atol=1e-5)

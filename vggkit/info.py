@@ -80,7 +80,8 @@ def runtime_report() -> str:
     from .runtime import choose_runtime, cpu_has_fast_bf16
 
     runtime = choose_runtime("auto")
-    lines = [f"runtime: {runtime.describe()}", f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
+    lines = [f"runtime: {runtime.describe()}", f"why: {runtime.reason}",
+             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
     if runtime.device.type == "cpu":
         lines.append(f"CPU bf16 support (AMX or AVX-512-bf16): {'yes' if cpu_has_fast_bf16() else 'no'}")
     else:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fusion import fuse_for_cpu
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
@@ -149,6 +151,8 @@ def inference_copy(model: nn.Module, runtime: Runtime) -> nn.Module:
 
     Each parameter and floating buffer is converted straight into the copy (one new
     tensor each, never a full float32 copy first); shared parameters stay shared.
+    On a float32 CPU runtime, conv [+ batch norm] + ReLU run as one oneDNN call on
+    pre-packed weights (``vggkit.fusion``).
     """
     layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
 
@@ -162,7 +166,11 @@ def inference_copy(model: nn.Module, runtime: Runtime) -> nn.Module:
         memo[id(parameter)] = nn.Parameter(convert(parameter), requires_grad=False)
     for buffer in model.buffers():
         memo[id(buffer)] = convert(buffer)
-    return copy.deepcopy(model, memo).eval()
+    inference = copy.deepcopy(model, memo).eval()
+    if runtime.device.type == "cpu" and runtime.dtype == torch.float32 and runtime.channels_last \
+            and not runtime.compile:
+        fuse_for_cpu(inference)  # compiled copies get inductor's own version of this rewrite
+    return inference
 
 
 class OptimizedModel(nn.Module):

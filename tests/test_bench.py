@@ -1,0 +1,51 @@
+"""vggkit bench's bookkeeping (no timing here: speed is measured by `vggkit bench` itself)."""
+
+import json
+
+import pytest
+
+from vggkit import bench
+from vggkit.backbone import VGGBackbone
+from vggkit.cli import main
+from vggkit.model import VGG
+
+
+def test_flops_are_counted_without_computing():
+    # The issue's figure: vgg16 is 30.9 GFLOP per 224 image; features to conv5_3 are all but the head and pool5.
+    assert bench.gflops(lambda: VGG("vgg16"), (1, 3, 224, 224)) == pytest.approx(30.94, abs=0.01)
+    taps = bench.gflops(lambda: VGGBackbone(VGG("vgg16"), list(bench.TAPS)), (1, 3, 224, 224))
+    assert taps == pytest.approx(30.69, abs=0.01)
+    # Dense at 448x448: four times the convolutional work of 224, and fc6-fc8 at each of 8x8 positions.
+    dense = bench.gflops(lambda: VGG("vgg16").to_fully_conv(), (1, 3, 448, 448))
+    assert dense == pytest.approx(4 * taps + 64 * (30.94 - taps), rel=0.001)
+
+
+def test_rows_get_ratio_and_peak_fraction():
+    rows = [bench.Row("t", "reference", 2.0, 30.0, reference=True),
+            bench.Row("t", "ours", 5.0, 30.0, "fp32"),
+            bench.Row("t", "ours in bf16", 1.0, 30.0, "bf16"),
+            bench.Row("pipeline", "no FLOPs", 40.0, None)]
+    rows = bench._finish(rows, {"fp32": 300.0, "bf16": 60.0})
+    assert [r.ratio for r in rows] == [None, 2.5, 0.5, None]
+    assert [r.peak_fraction for r in rows] == [0.2, 0.5, 0.5, None]
+
+
+def test_outputs_are_markdown_and_json(tmp_path):
+    machine = dict(date="2026-01-01", cpu="Test CPU", cores=2, threads=2, load_average="0.0", torch="x",
+                   runtime="cpu fp32 channels_last", runtime_reason="no bf16", quick=True)
+    rows = bench._finish([bench.Row("(a) t", "torchvision", 2.0, 30.9, batch=8, reference=True),
+                          bench.Row("(a) t", "vggkit", 4.0, 30.9, batch=8)], {"fp32": 100.0, "bf16": 1.0})
+    result = bench.BenchResult(machine, {"fp32": 100.0, "bf16": 1.0}, rows, seconds=12.0)
+    bench.write_outputs(result, tmp_path / "out" / "b.json", tmp_path / "b.md")
+    table = (tmp_path / "b.md").read_text()
+    assert "2026-01-01: Test CPU (2 cores" in table
+    assert "| (a) t | vggkit | 8 | 4 | 2.00x | 124% (fp32) |  |" in table
+    loaded = json.loads((tmp_path / "out" / "b.json").read_text())
+    assert loaded["rows"][1]["ratio"] == 2.0 and loaded["peaks_gflops"]["fp32"] == 100.0
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
