@@ -126,29 +126,47 @@ def race(competitors: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return best
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 0.25, rounds: int = 8) -> float:
-    """Best GFLOP/s of a square matmul in ``dtype`` (either operand layout), sized to take about ``seconds``.
+def matmul_peak(dtype: torch.dtype, seconds: float = 0.02, rounds: int = 12) -> float:
+    """Best GFLOP/s of a square-ish matmul in ``dtype``, sized so one takes about ``seconds``.
 
+    Three kernels compete: ``a @ b`` and ``a @ b.T`` (BLAS) and a 1x1 convolution on
+    channels_last input (the same GEMM through oneDNN, the library VGG's convs use).
     Many short calls rather than a few long ones: on a shared machine the best of
     them is the one that ran alone.
     """
-    size = 256
-    while True:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    from .fusion import PackedConv2d
+
+    size = 128
+    while size < 1024:
+        a = torch.randn(size, size, dtype=dtype)
+        a @ a  # the first call of a size sets up threads and kernels
         start = time.perf_counter()
-        a @ b
-        took = time.perf_counter() - start
-        if took > seconds / 8 or size >= 2048:
+        a @ a
+        if time.perf_counter() - start > seconds / 8:
             break
         size *= 2
-    timings = race({"nn": lambda: a @ b, "nt": lambda: a @ b.T}, rounds)
-    return 2 * size ** 3 / min(timings.values()) / 1e9
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    side = int(size ** 0.5)
+    image = torch.randn(1, size, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = PackedConv2d(torch.nn.Conv2d(size, size, 1, bias=False, dtype=dtype), relu=False).eval()
+    conv.requires_grad_(False)
+    with torch.inference_mode():
+        timings = race({"nn": lambda: a @ b, "nt": lambda: a @ b.T, "conv1x1": lambda: conv(image)}, rounds)
+    flops = {"nn": 2 * size ** 3, "nt": 2 * size ** 3, "conv1x1": 2 * size * size * side * side}
+    return max(flops[kernel] / timings[kernel] for kernel in flops) / 1e9
 
 
-def matmul_peaks(before: dict[str, float] | None = None) -> dict[str, float]:
-    """float32 and bfloat16 matmul peaks, GFLOP/s; the better of these and ``before`` (an earlier measurement)."""
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    return {k: max(v, (before or {}).get(k, 0.0)) for k, v in peaks.items()}
+class MatmulPeaks:
+    """The machine's float32 and bfloat16 matmul peaks in GFLOP/s: the best of several measurements,
+    taken between the bench's sections so that one busy moment does not set them."""
+
+    def __init__(self) -> None:
+        self.gflops = {"fp32": 0.0, "bf16": 0.0}
+
+    def measure(self) -> dict[str, float]:
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            self.gflops[precision] = max(self.gflops[precision], matmul_peak(dtype))
+        return self.gflops
 
 
 def gflops(build: Callable[[], torch.nn.Module], shape: tuple[int, ...]) -> float:
@@ -200,6 +218,14 @@ def _models():
     return vgg, reference, timm_vgg
 
 
+def _how(fast) -> str:
+    """The runtime of an optimised copy, and whether its convs run packed with their ReLU."""
+    from .fusion import PackedConv2d
+
+    packed = any(isinstance(m, PackedConv2d) for m in fast.model.modules())
+    return fast.runtime.describe() + (", oneDNN conv+ReLU on packed weights" if packed else "")
+
+
 def _no_grad(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run():
         with torch.no_grad():
@@ -226,7 +252,7 @@ def classification(vgg, reference, timm_vgg, settings: Settings, log) -> list[Ro
     n = settings.batch
     rows = [Row(task, "torchvision default (float32 NCHW)", n / best["torchvision"], flop, batch=n, reference=True),
             Row(task, "timm default (float32 NCHW)", n / best["timm"], flop, batch=n),
-            Row(task, f"vggkit.optimize default ({fast.runtime.describe()})", n / best["vggkit"], flop,
+            Row(task, f"vggkit.optimize default ({_how(fast)})", n / best["vggkit"], flop,
                 fast.runtime.precision, n, note=f"logits cosine to torchvision >= {agreement:.6f}")]
     if settings.slow_rows:
         rows += _slow_classification_rows(vgg, task, flop, settings, log)
@@ -284,7 +310,7 @@ def extraction(vgg, reference, settings: Settings, log) -> list[Row]:
     n = settings.batch
     return [Row(task, "torchvision create_feature_extractor (float32 NCHW)", n / best["torchvision"], flop,
                 batch=n, reference=True),
-            Row(task, f"vggkit.optimize(vggkit.backbone(...)) ({fast.runtime.describe()})", n / best["vggkit"],
+            Row(task, f"vggkit.optimize(vggkit.backbone(...)) ({_how(fast)})", n / best["vggkit"],
                 flop, fast.runtime.precision, n, note="same maps as torchvision" if same else "MAPS DIFFER")]
 
 
@@ -449,21 +475,24 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
                "threads": torch.get_num_threads(), "load_average": f"{os.getloadavg()[0]:.1f}",
                "torch": torch.__version__, "runtime": runtime.describe(), "runtime_reason": runtime.reason,
                "quick": quick}
-    log("matmul peak (float32, bfloat16)")
-    peaks = matmul_peaks()
+    log("matmul peak (float32, bfloat16; measured again after each section, the best counts)")
+    peaks = MatmulPeaks()
+    peaks.measure()
     # First, while this process is small: a child's ru_maxrss starts at its parent's RSS.
     rss = extraction_peak_rss(log)
     torch.manual_seed(0)
     vgg, reference, timm_vgg = _models()
     rows = classification(vgg, reference, timm_vgg, settings, log)
+    peaks.measure()
     rows += extraction(vgg, reference, settings, log)
+    peaks.measure()
     del timm_vgg
     rows += dense_vs_multicrop(vgg, settings, log)
+    peaks.measure()
     rows += head_finetuning(vgg, settings, log)
     rows += data_pipeline(settings, log)
-    log("matmul peak again (the best of both measurements counts)")
-    peaks = matmul_peaks(peaks)
-    return BenchResult(machine, peaks, _finish(rows, peaks), rss, time.perf_counter() - start)
+    peaks.measure()
+    return BenchResult(machine, dict(peaks.gflops), _finish(rows, peaks.gflops), rss, time.perf_counter() - start)
 
 
 def write_outputs(result: BenchResult, json_path: str | os.PathLike | None = None,
