@@ -231,3 +231,18 @@ def test_backbone_taps_read_the_same_maps_after_the_rewrite():
     out, reference = fast(x), net(x)
     for layer in reference:
         torch.testing.assert_close(out[layer], reference[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_a_used_optimized_model_can_be_copied_pickled_and_optimized_again():
+    import copy
+    import pickle
+
+    model = vggkit.create_model("vgg11", width=1 / 16).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    expected = fast(x)  # packs weights: oneDNN tensors that have no storage to copy
+    torch.testing.assert_close(copy.deepcopy(fast)(x), expected)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(fast.model))(x), expected)
+    again = vggkit.optimize(fast, precision="fp32")
+    assert isinstance(again.model, vggkit.VGG)
+    torch.testing.assert_close(again(x), expected)

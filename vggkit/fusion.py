@@ -41,6 +41,12 @@ class PackedConv2d(nn.Conv2d):
         self.relu = relu
         self._packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
 
+    def __getstate__(self) -> dict:
+        # Packed oneDNN tensors have no storage to copy or save; a copy packs its own on first use.
+        state = dict(self.__dict__)
+        state["_packed"] = OrderedDict()
+        return state
+
     def _packed_weight(self, shape: tuple[int, ...]) -> torch.Tensor:
         packed = self._packed.pop(shape, None)
         if packed is None:

@@ -206,5 +206,8 @@ def optimize(model: nn.Module, precision: str = "auto", device: str | torch.devi
 
     Input: float32 (N, 3, H, W) on any device; output: float32 on the runtime's device.
     ``model`` itself is not changed. ``compile="auto"`` compiles only a ``long_job``.
+    An ``OptimizedModel`` given here is re-made from its inner copy, not wrapped twice.
     """
+    if isinstance(model, OptimizedModel):
+        model = model.model
     return OptimizedModel(model, choose_runtime(precision, device, compile, long_job))
