@@ -82,7 +82,7 @@ def test_info_runtime_reports_the_choice(cpu):
     cpu(AVX2_ONLY)
     report = runtime_report()
     assert report.splitlines()[:2] == ["runtime: cpu fp32 channels_last",
-                                       "why: CPU without AMX-bf16 or AVX-512-bf16: bf16 would be emulated (slow)"]
+                                       "why: CPU without AMX-bf16 or AVX-512-bf16: bf16 would run slower than float32"]
     assert "CPU bf16 support (AMX or AVX-512-bf16): no" in report
     cpu(AVX2_ONLY | {"avx512_bf16"})
     assert runtime_report().splitlines()[:2] == ["runtime: cpu bf16 channels_last", "why: CPU with avx512_bf16"]

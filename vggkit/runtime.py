@@ -127,7 +127,7 @@ def choose_runtime(precision: str = "auto", device: str | torch.device | None = 
         else:
             precision = "fp32"
             reason = (f"{BF16_ENV}=0" if os.environ.get(BF16_ENV) == "0"
-                      else "CPU without AMX-bf16 or AVX-512-bf16: bf16 would be emulated (slow)")
+                      else "CPU without AMX-bf16 or AVX-512-bf16: bf16 would run slower than float32")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 is for CUDA only; on the CPU use 'bf16' or 'fp32'.")
     if compile == "auto":
