@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -340,9 +341,16 @@ def extraction_peak_rss(log) -> dict:
     queue = context.Queue()
     process = context.Process(target=_extraction_rss, args=(queue,))
     process.start()
-    result = queue.get()
-    process.join()
-    return result
+    try:
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"The extraction memory probe (a child process) died with exit code "
+                                       f"{process.exitcode} before reporting; run `vggkit bench` again.") from None
+    finally:
+        process.join(timeout=60)
 
 
 # --------------------------------------------------------------------------- (c) dense vs multi-crop

@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "head fine-tuning and the training data pipeline, each against torchvision's "
                                        "or timm's default on the same weights and inputs, with the fraction of the "
                                        "matmul peak measured in the same run. Prints a Markdown table; takes "
-                                       "several minutes (--quick: about three).")
+                                       "about 2.5 minutes on a quiet 2-core machine, under 10 on a busy one "
+                                       "(--quick: under 2).")
     bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller batches, no bf16/compile rows")
     bench.add_argument("--json", metavar="PATH", help="also write the rows and machine facts as JSON")
     bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
