@@ -14,6 +14,8 @@ from vggkit.protocols import (
     class_heatmap,
     class_score_maps,
     dense_predict,
+    dense_probabilities_from_maps,
+    dense_score_maps,
     grid_crops,
     inference_networks,
     multicrop_predict,
@@ -78,6 +80,20 @@ def test_class_heatmaps_are_probabilities_at_the_image_size():
     np.testing.assert_allclose(np.sum(maps, axis=0), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="class_index 4 is out of range for a 4-class model"):
         class_heatmap(model, image, 4)
+
+
+def test_one_dense_pass_gives_the_prediction_and_every_heatmap():
+    model = tiny_model(num_classes=3)
+    image = noise_image(240, 300)
+    maps = dense_score_maps(model, image, scales=(256, 320))
+    assert [m.shape for m in maps] == [(2, 3, 2, 4), (2, 3, 4, 6)]  # (flips, classes, h, w) per Q
+    torch.testing.assert_close(dense_probabilities_from_maps(maps), dense_predict(model, image, scales=(256, 320)),
+                               atol=1e-6, rtol=0)
+    # Per Q: the class's softmax map averaged over the flips, upsampled, averaged over Q.
+    reference = np.mean([torch.nn.functional.interpolate(
+        m.softmax(1)[:, 2].mean(0)[None, None], size=(240, 300), mode="bilinear", align_corners=False)[0, 0].numpy()
+        for m in maps], axis=0)
+    np.testing.assert_allclose(class_heatmap(model, image, 2, scales=(256, 320)), reference, atol=1e-6)
 
 
 def test_grid_crops_on_an_image_exactly_224_wide():

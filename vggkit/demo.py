@@ -31,7 +31,7 @@ from .data import load_image, rescale_shortest
 from .model import POOL5_GRID, VGG
 from .plots import (plot_feature_grid, plot_heatmap_overlay, plot_parameter_split, plot_receptive_field_growth,
                     plot_stack_receptive_fields)
-from .protocols import check_scales, class_heatmap, dense_predict
+from .protocols import check_scales, dense_probabilities_from_maps, dense_score_maps, heatmap_from_maps
 from .receptive_field import ReceptiveField, effective_receptive_field, receptive_field
 from .runtime import optimize
 from .stacks import measure_designs, stack_cost_rows
@@ -319,8 +319,8 @@ class DemoModel:
         self._receptive_field_view = functools.lru_cache(cache_size)(self._compute_receptive_field_view)
         self._activations = functools.lru_cache(2)(self._compute_activations)
         self._feature_maps_view = functools.lru_cache(cache_size)(self._compute_feature_maps_view)
-        self._probabilities = functools.lru_cache(cache_size)(self._compute_probabilities)
-        self._heatmap = functools.lru_cache(cache_size)(self._compute_heatmap)
+        # One dense pass per (image, scales) gives both the top 5 and every class's heatmap.
+        self._score_maps = functools.lru_cache(cache_size)(self._compute_score_maps)
         self._network = functools.lru_cache(1)(self._random_network)
 
     @property
@@ -449,17 +449,15 @@ class DemoModel:
                 self._fast_model = optimize(self.model)
         return self._fast_model
 
-    def _compute_probabilities(self, key: ImageKey, scales: tuple[int, ...]) -> torch.Tensor:
-        return dense_predict(self.fast_model(), key.image, scales=scales, flip=True)
-
-    def _compute_heatmap(self, key: ImageKey, class_index: int, scales: tuple[int, ...]) -> np.ndarray:
-        return class_heatmap(self.fast_model(), key.image, class_index, scales=scales, flip=True)
+    def _compute_score_maps(self, key: ImageKey, scales: tuple[int, ...]) -> list[torch.Tensor]:
+        return dense_score_maps(self.fast_model(), key.image, scales=scales, flip=True)
 
     def score_maps_view(self, image, scales, class_index: int | None = None) -> ScoreMapsView:
         """Dense evaluation over ``scales`` and flips: the top 5, and ``class_index``'s map (default: the top class)."""
         scales = tuple(sorted(set(check_scales([int(q) for q in scales] if not isinstance(scales, int) else scales))))
         key = ImageKey.open(image)
-        probabilities = self._probabilities(key, scales)
+        maps = self._score_maps(key, scales)
+        probabilities = dense_probabilities_from_maps(maps)
         top = probabilities.topk(min(TOP_K, len(probabilities)))
         top5 = pd.DataFrame([{"rank": rank, "class": self.class_names[i], "index": int(i), "probability": round(float(p), 4)}
                              for rank, (p, i) in enumerate(zip(top.values, top.indices), start=1)])
@@ -467,7 +465,7 @@ class DemoModel:
             class_index = int(top.indices[0])
         if not 0 <= class_index < len(self.class_names):
             raise ValueError(f"Class {class_index} is out of range: this model has {len(self.class_names)} classes.")
-        heat = self._heatmap(key, class_index, scales)
+        heat = heatmap_from_maps(maps, class_index, (key.image.height, key.image.width))
         title = (f"{self.class_names[class_index]} (class {class_index}), p = {float(probabilities[class_index]):.3f}"
                  f"{'' if self.trained else ', UNTRAINED weights'}")
         overlay = plot_heatmap_overlay(np.asarray(key.image), heat, title, "softmax probability", vmin=0.0)

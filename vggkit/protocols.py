@@ -229,6 +229,39 @@ def multicrop_probabilities(nets: InferenceNetworks, views: Sequence[torch.Tenso
 # --------------------------------------------------------------------------- one image, public
 
 
+def dense_score_maps(model: nn.Module, image: ImageSource, scales: int | Sequence[int] = PAPER_SCALES,
+                     flip: bool = True) -> list[torch.Tensor]:
+    """The fc8 maps of the dense evaluation, computed once: one float32 CPU tensor per Q of
+    shape (F, classes, h, w), F = 2 with ``flip`` (the mirror image's map flipped back), else 1.
+
+    ``dense_probabilities_from_maps`` and ``heatmap_from_maps`` turn them into the
+    prediction and a class's heatmap with no further forward pass.
+    """
+    scales, image = check_scales(scales), load_image(image)
+    with inference_networks(model) as nets:
+        return [flip_score_maps(nets, rescaled_view(image, q), flip).float().cpu() for q in scales]
+
+
+def dense_probabilities_from_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-Q maps (F, classes, h, w) -> softmax (classes,): spatial mean, softmax, mean over flips, then Q."""
+    return torch.stack([m.mean(dim=(2, 3)).softmax(-1).mean(0) for m in maps]).mean(0)
+
+
+def heatmap_from_maps(maps: Sequence[torch.Tensor], class_index: int, size: tuple[int, int]) -> np.ndarray:
+    """Per-Q maps (F, classes, h, w) -> one class's softmax-probability map (H, W) = ``size``, float32.
+
+    Per Q the probability map is averaged over flips and upsampled bilinearly; then averaged over Q.
+    """
+    classes = maps[0].shape[1]
+    if not 0 <= class_index < classes:
+        raise ValueError(f"class_index {class_index} is out of range for a {classes}-class model.")
+    heatmap = torch.zeros(size)
+    for m in maps:
+        probability = m.softmax(1)[:, class_index].mean(0)
+        heatmap += F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (heatmap / len(maps)).numpy().astype(np.float32)
+
+
 def dense_predict(model: nn.Module, image: ImageSource, scales: int | Sequence[int] = PAPER_SCALES,
                   flip: bool = True) -> torch.Tensor:
     """The paper's dense evaluation of one image (PIL, path or array) -> softmax (classes,), float32 CPU.
@@ -273,16 +306,11 @@ def class_heatmap(model: nn.Module, image: ImageSource, class_index: int, scales
     Per Q the class's softmax-probability map (averaged with the flipped-back mirror
     image's when ``flip``), upsampled bilinearly to the image, then averaged over Q.
     """
-    scales, image = check_scales(scales), load_image(image)
-    size = (image.height, image.width)
-    with inference_networks(model) as nets:
-        if not 0 <= class_index < nets.num_classes:
-            raise ValueError(f"class_index {class_index} is out of range for a {nets.num_classes}-class model.")
-        heatmap = torch.zeros(size, device=nets.runtime.device)
-        for scale in scales:
-            probability = flip_score_maps(nets, rescaled_view(image, scale), flip).softmax(1)[:, class_index].mean(0)
-            heatmap += F.interpolate(probability[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        return (heatmap / len(scales)).cpu().numpy().astype(np.float32)
+    image = load_image(image)
+    num_classes = as_vgg(model).num_classes
+    if not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index {class_index} is out of range for a {num_classes}-class model.")
+    return heatmap_from_maps(dense_score_maps(model, image, scales, flip), class_index, (image.height, image.width))
 
 
 # --------------------------------------------------------------------------- cost
