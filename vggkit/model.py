@@ -195,6 +195,18 @@ class FullyConvVGG(nn.Module):
         """A Linear weight (out, in*k*k) viewed as a conv weight (out, in, k, k)."""
         return fc.weight.view(fc.out_features, in_channels, kernel, kernel)
 
+    def fc6_map(self, pool5: torch.Tensor) -> torch.Tensor:
+        """fc6 as a 7x7 conv: pool5 (N, C, h, w) -> (N, 4096, h-6, w-6), before its ReLU.
+
+        Computed as im2col + one GEMM with the Linear weight: on the CPU this runs
+        at matmul speed, where a 7x7 conv over 512 channels of a small map does not.
+        """
+        padding = 3 if self.pad_fc6 else 0
+        n, _, h, w = pool5.shape
+        columns = F.unfold(pool5, POOL5_GRID, padding=padding)  # (N, C*49, L), Linear's flatten order
+        out = torch.matmul(self.fc6.weight, columns) + self.fc6.bias[:, None]
+        return out.view(n, -1, h + 2 * padding - POOL5_GRID + 1, w + 2 * padding - POOL5_GRID + 1)
+
     def fc_maps(self, pool5: torch.Tensor) -> dict[str, torch.Tensor]:
         """pool5 (N, C, h, w) -> {"fc6", "fc7", "fc8"} maps of (N, *, h-6, w-6) (h, w with ``pad_fc6``)."""
         if not self.pad_fc6 and min(pool5.shape[-2:]) < POOL5_GRID:
@@ -204,8 +216,7 @@ class FullyConvVGG(nn.Module):
                 f"rescale the image or use to_fully_conv(pad_fc6=True)."
             )
         hidden = self.fc7.in_features
-        fc6 = F.relu(F.conv2d(pool5, self.conv_weight(self.fc6, self.feature_channels, POOL5_GRID),
-                              self.fc6.bias, padding=3 if self.pad_fc6 else 0))
+        fc6 = F.relu(self.fc6_map(pool5))
         fc7 = F.relu(F.conv2d(F.dropout(fc6, self.dropout, self.training),
                               self.conv_weight(self.fc7, hidden, 1), self.fc7.bias))
         fc8 = F.conv2d(F.dropout(fc7, self.dropout, self.training),
