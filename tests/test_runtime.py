@@ -194,7 +194,15 @@ def test_bf16_features_agree_with_float32_on_photographs():
     for layer in ("conv5_3", "fc7"):
         cosine = F.cosine_similarity(approx[layer].flatten(1), exact[layer].flatten(1))
         assert cosine.min() >= 0.999, (layer, cosine)
-    assert torch.equal(approx["logits"].argmax(1), exact["logits"].argmax(1))
+    # Same top-1 wherever float32's decision is not a tie within bf16's error. Random weights
+    # leave some photos with near-equal top-2 logits, and bf16 rounding differs between CPUs
+    # (AMX, AVX-512-bf16, emulation), so a tie must not decide the test.
+    error = (approx["logits"] - exact["logits"]).abs().max()
+    top2 = exact["logits"].topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * error
+    assert decided.sum() >= 2, "too few photos with a clear float32 top-1 to compare"
+    assert torch.equal(approx["logits"].argmax(1)[decided], exact["logits"].argmax(1)[decided])
+    assert F.cosine_similarity(approx["logits"], exact["logits"]).min() >= 0.999
 
 
 # --------------------------------------------------------------------------- the CPU rewrite of the copy
