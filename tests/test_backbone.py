@@ -76,3 +76,24 @@ def test_effective_receptive_field_stays_inside_the_theoretical_one():
     assert heat.max() == 1
     assert rows.min() >= top and rows.max() < bottom and cols.min() >= left and cols.max() < right
     assert heat[top + rf.receptive_field // 2, left + rf.receptive_field // 2] > 0
+
+
+def test_random_backbone_allocates_only_the_layers_it_keeps():
+    fe = vggkit.backbone("vgg16", layers=["conv2_2"])
+    # conv1_1, conv1_2, conv2_1, conv2_2 of Table 1's D: weights and biases, nothing else.
+    assert vggkit.count_parameters(fe) == (3 * 64 * 9 + 64) + (64 * 64 * 9 + 64) + (64 * 128 * 9 + 128) + (
+        128 * 128 * 9 + 128)
+    assert not any(t.is_meta for t in fe.state_dict().values())
+
+
+def test_random_backbone_is_initialised_like_the_full_model():
+    fe = vggkit.backbone("vgg11_bn", layers=["conv3_1", "fc7"], width=1 / 8, pad_fc6=True)
+    bn = fe.features.bn1_1
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    # He normal convs (fan_out) and N(0, 0.01) for fc6/fc7, which the full model holds as Linear layers.
+    conv = fe.features.conv3_1
+    assert abs(conv.weight.std().item() - (2 / (conv.out_channels * 9)) ** 0.5) < 0.01
+    assert abs(fe.fc6.weight.std().item() - 0.01) < 1e-3 and torch.count_nonzero(fe.fc7.bias) == 0
+    out = fe(torch.randn(2, 3, 64, 64))
+    assert all(torch.isfinite(v).all() for v in out.values())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import layer_names
-from .model import POOL5_GRID, VGG, check_layers, tap_module
+from .model import POOL5_GRID, VGG, check_layers, init_parameters, tap_module
 from .receptive_field import receptive_field
 
 
@@ -86,7 +86,7 @@ class VGGBackbone(nn.Module):
 
 
 def _linear_as_conv(fc: nn.Linear, in_channels: int, kernel: int, padding: int = 0) -> nn.Conv2d:
-    conv = nn.Conv2d(in_channels, fc.out_features, kernel, padding=padding)
+    conv = nn.Conv2d(in_channels, fc.out_features, kernel, padding=padding, device=fc.weight.device)
     with torch.no_grad():
         conv.weight.copy_(fc.weight.view_as(conv.weight))
         conv.bias.copy_(fc.bias)
@@ -108,14 +108,29 @@ def _channels(vgg: VGG) -> dict[str, int]:
 
 def backbone(name: str = "vgg16", layers: list[str] | tuple[str, ...] = ("conv3_3", "conv4_3", "conv5_3"),
              weights: str | None = None, frozen: bool = False, pad_fc6: bool = False,
-             width: float | None = None) -> VGGBackbone:
+             width: float | None = None, init: str = "kaiming") -> VGGBackbone:
     """Named intermediate features of a VGG, e.g. for a segmentation head.
+
+    Only the layers up to the deepest one asked for are built (with random ``init``) or kept
+    (with ``weights``).
 
     >>> fe = backbone("vgg16", layers=["conv3_3", "conv4_3", "conv5_3"])
     >>> {k: v.shape for k, v in fe(torch.zeros(1, 3, 224, 224)).items()}  # strides 4, 8, 16
     """
+    from .preprocess import IMAGENET
     from .weights import create_model
 
     check_layers(name, list(layers))
-    vgg = create_model(name, weights=weights, width=width)
-    return VGGBackbone(vgg, list(layers), frozen=frozen, pad_fc6=pad_fc6)
+    if weights is not None:
+        return VGGBackbone(create_model(name, weights=weights, width=width), list(layers),
+                           frozen=frozen, pad_fc6=pad_fc6)
+    # Random weights: lay the network out on the meta device, keep what the taps need, and
+    # allocate and initialise only that (vgg16's conv3_3 taps: 1.7M of 138M parameters).
+    with torch.device("meta"):
+        vgg = VGG(name, width=width or 1.0, init=init)
+    fe = VGGBackbone(vgg, list(layers), pad_fc6=pad_fc6).to_empty(device="cpu")
+    init_parameters(fe, init, linear_like=tuple(c for c in (fe.fc6, fe.fc7) if c is not None))
+    fe.preprocess = IMAGENET
+    if frozen:
+        fe.requires_grad_(False).eval()
+    return fe

@@ -55,6 +55,36 @@ def check_layers(name: str | ModelSpec, layers: list[str]) -> None:
         )
 
 
+INITS = ("kaiming", "paper", "glorot")
+
+
+def init_parameters(module: nn.Module, init: str = "kaiming", linear_like: tuple[nn.Conv2d, ...] = ()) -> None:
+    """Initialise every conv, linear and batch-norm layer inside ``module``.
+
+    ``"kaiming"``: He normal convs and N(0, 0.01) linears, as torchvision (trains from
+    scratch); ``"paper"``: N(0, 0.01) everywhere, biases 0 (section 3.1, net A);
+    ``"glorot"``: Glorot uniform, biases 0 (the paper's note on training without
+    pre-initialisation). Convs in ``linear_like`` (fc6/fc7 held as convs) are
+    initialised as the Linear layers they stand for.
+    """
+    if init not in INITS:
+        raise ValueError(f"Unknown init {init!r}: use 'kaiming', 'paper' or 'glorot'.")
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            as_linear = isinstance(layer, nn.Linear) or any(layer is c for c in linear_like)
+            weight = layer.weight.view(layer.weight.shape[0], -1) if as_linear else layer.weight
+            with torch.no_grad():
+                if init == "glorot":
+                    nn.init.xavier_uniform_(weight)
+                elif init == "kaiming" and not as_linear:
+                    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.normal_(weight, 0.0, 0.01)
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            layer.reset_parameters()  # weight 1, bias 0, and fresh running statistics
+
+
 class VGG(nn.Module):
     """A VGG network of Table 1.
 
@@ -119,27 +149,8 @@ class VGG(nn.Module):
         return layer_names(self.spec)
 
     def reset_parameters(self, init: str = "kaiming") -> None:
-        """Initialise all weights.
-
-        ``"kaiming"``: He normal convs and N(0, 0.01) linears, as torchvision (trains from
-        scratch); ``"paper"``: N(0, 0.01) everywhere, biases 0 (section 3.1, net A);
-        ``"glorot"``: Glorot uniform, biases 0 (the paper's note on training without
-        pre-initialisation).
-        """
-        if init not in ("kaiming", "paper", "glorot"):
-            raise ValueError(f"Unknown init {init!r}: use 'kaiming', 'paper' or 'glorot'.")
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                if init == "glorot":
-                    nn.init.xavier_uniform_(module.weight)
-                elif init == "kaiming" and isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                else:
-                    nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """Initialise all weights (see ``init_parameters``)."""
+        init_parameters(self, init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> pool5 (N, 512*width, H/32, W/32)."""
