@@ -81,6 +81,20 @@ def test_safetensors_and_own_checkpoint_round_trip(tmp_path, x64):
         assert torch.equal(from_checkpoint(x64), model(x64))
 
 
+def test_checkpoint_names_its_model_when_no_name_is_given(tmp_path, x64):
+    # As the README says of train's best.pt: loadable with create_model(weights=...).
+    model = vggkit.create_model("vgg11_bn", width=1 / 8, num_classes=3).eval()
+    vggkit.save_checkpoint(model, tmp_path / "best.pt")
+    loaded = vggkit.create_model(weights=tmp_path / "best.pt").eval()
+    assert loaded.name == "vgg11_bn" and loaded.num_classes == 3 and loaded.width == 1 / 8
+    with torch.no_grad():
+        assert torch.equal(loaded(x64), model(x64))
+    # A name that disagrees with the checkpoint is still an error naming the right one; no file, no name: vgg16.
+    with pytest.raises(WeightsError, match="vgg11_bn"):
+        vggkit.create_model("vgg16", weights=tmp_path / "best.pt")
+    assert vggkit.create_model(width=1 / 16).name == "vgg16"
+
+
 def test_ddp_module_prefix_is_stripped(tmp_path, x64):
     model = vggkit.create_model("vgg11", width=1 / 8).eval()
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ddp.pth")

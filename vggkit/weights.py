@@ -409,27 +409,29 @@ def _guess_metadata(state: dict) -> dict:
     return {"num_classes": int(state[fc8].shape[0])} if fc8 in state else {}
 
 
-def create_model(name: str = "vgg16", weights: str | os.PathLike | None = None,
+def create_model(name: str | None = None, weights: str | os.PathLike | None = None,
                  num_classes: int | None = None, dropout: float = 0.5, width: float | None = None,
                  init: str = "kaiming", layout: str | None = None, progress: bool = True) -> VGG:
     """Build a VGG of Table 1 and optionally load weights into it.
 
     ``weights``: None (random ``init``), ``"imagenet"`` (torchvision's release),
     ``"caffe"`` (the original release, vgg16/vgg19), ``"timm"``, or a path to a file in
-    any known layout. ``num_classes`` and ``width`` default to the file's own (vggkit
-    checkpoints), else 1000 and 1.0. Returns an ordinary float32 ``nn.Module`` with
+    any known layout. ``name``, ``num_classes`` and ``width`` default to the file's own
+    (vggkit checkpoints), else ``"vgg16"``, 1000 and 1.0. Returns an ordinary float32 ``nn.Module`` with
     ``.preprocess`` set to the weights' input transform.
     """
     if weights is None:
-        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
+        model = VGG(name or "vgg16", num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
         model.preprocess = IMAGENET
         return model
     if _is_release(weights):
+        name = name or "vgg16"
         read = _read_release(name, weights.lower(), progress)
         state, meta, preprocess, info = read[0], {}, read[1], read[2]
     else:
         state, meta, preprocess, info = _read_path(weights, layout)
         meta = {**_guess_metadata(state), **meta}
+        name = name or meta.get("model_name") or "vgg16"
         num_classes = num_classes if num_classes is not None else meta.get("num_classes")
         width = width if width is not None else meta.get("width")
         dropout = meta.get("dropout", dropout)
