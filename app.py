@@ -221,10 +221,19 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
     return app
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (a channel multiplier such as 0.25 or 1.0), got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python app.py", description="The vggkit app: receptive fields, 3x3 versus 7x7 convolutions, "
-        "class score maps and feature maps of a VGG network, served on this machine only.")
+        "class score maps and feature maps of a VGG network, served on this machine only.",
+        epilog="examples: python app.py | python app.py --weights path/to/vgg16-397923af.pth --port 7861 | "
+               "python app.py --model vgg19 --weights none")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                         "machine only; 0.0.0.0 exposes the app to your network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -234,8 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="imagenet (torchvision's release), timm, caffe, a weight file, or none for random "
                              "weights (default imagenet; offline and not cached, the app starts with random "
                              "weights and says so)")
-    parser.add_argument("--width", type=float, default=None, help="channel multiplier (default: the weights' own, "
-                        "else 1.0); below 1 only with --weights none or a matching file")
+    parser.add_argument("--width", type=positive_float, default=None,
+                        help="channel multiplier (default: the weights' own, else 1.0); below 1 only with "
+                             "--weights none or a matching file")
     return parser.parse_args(argv)
 
 

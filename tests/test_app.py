@@ -94,6 +94,15 @@ def test_a_bad_model_name_is_an_error_not_a_traceback(capsys):
     assert "Unknown VGG model 'vgg99'" in capsys.readouterr().err
 
 
+def test_help_has_examples_and_a_width_of_zero_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        app_module.parse_args(["--help"])
+    assert exit_.value.code == 0 and "examples: python app.py" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        app_module.parse_args(["--weights", "none", "--width", "0"])
+    assert exit_.value.code == 2 and "--width: must be above 0" in capsys.readouterr().err
+
+
 def test_served_app_every_endpoint(blocks, bomb, tmp_path):
     with served(blocks) as url:
         assert blocks.server_name == "127.0.0.1" and blocks.share_url is None

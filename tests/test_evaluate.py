@@ -346,3 +346,36 @@ def test_cli_evaluates_a_fine_tuned_checkpoint(tmp_path, capsys):
     vggkit.save_checkpoint(model, checkpoint)
     assert main(argv) == 2
     assert "only in the model: wasps; only in the folders: bees" in capsys.readouterr().err
+
+
+def test_cli_errors_for_missing_or_wrong_checkpoints_typos_and_unwritable_csv(labelled_folder, tmp_path, capsys,
+                                                                                 recwarn):
+    from vggkit.cli import main
+
+    base = ["--data", str(labelled_folder), "--scales", "224", "--workers", "0", "--no-progress"]
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for model, message in [(str(tmp_path / "missing.pth"), f"Checkpoint not found: {tmp_path / 'missing.pth'}"),
+                           (str(tmp_path / "notes.pth"), "notes.pth is not a checkpoint"),
+                           ("vgg61", "Unknown VGG model 'vgg61'. Did you mean")]:
+        assert main(["evaluate", "--model", model, *base]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vggkit evaluate: error: ") and message in err
+        assert "Traceback" not in err
+    assert not [w for w in recwarn if "No weights given" in str(w.message)]  # no "random weights" for a typo
+    image = next((labelled_folder / "cat").iterdir())
+    for weights, message in [("imagnet", "Unknown weights 'imagnet'. Did you mean 'imagenet'?"),
+                             (str(image), "is not a checkpoint (not a file written by torch.save")]:
+        assert main(["evaluate", "--model", "vgg11", "--weights", weights, *base]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", "vgg11", "--weights", "none", *base]) == 2  # random init, 1000 outputs
+    assert "The model has 1000 outputs but" in capsys.readouterr().err
+    model = tiny_model(num_classes=3)
+    model.class_names = list(CLASSES)
+    checkpoint = vggkit.save_checkpoint(model, tmp_path / "model.pth", head={"type": "vgg"})
+    blocked = tmp_path / "file.txt"
+    blocked.write_text("x")
+    csv_path = blocked / "predictions.csv"
+    assert main(["evaluate", "--model", str(checkpoint), *base, "--csv", str(csv_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"vggkit evaluate: error: Cannot write {csv_path}")
+    with pytest.raises(ValueError, match="is a folder; give a file name in it"):
+        vggkit.evaluate(model, labelled_folder, scales=224, workers=0, predictions_csv=tmp_path, progress=False)

@@ -149,3 +149,21 @@ def test_probe_on_separable_blobs_and_its_errors():
         probe(X, np.full(90, -1))
     with pytest.raises(ValueError, match="Unknown probe method 'knn'"):
         probe(X, y, method="knn")
+
+
+def test_missing_input_small_fc_scales_and_unwritable_output_fail_before_any_work(photos, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="Image folder or file not found: .*nope"):
+        extract_features("vgg11", tmp_path / "nope", weights=None, width=1 / 16, layer="pool5", progress=False)
+    with pytest.raises(ValueError, match=r"Layer fc7: .* at least 224x224 px; got scale 64\. .*pool5"):
+        extract_features("vgg11", photos, weights=None, width=1 / 16, scales=(64,), progress=False)
+    small = ["--weights", "none", "--width", "0.0625", "--layer", "pool5", "--scales", "64", "--no-progress"]
+    assert main(["extract", str(photos), *small, "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder; give a file name in it, e.g. {tmp_path / 'features.npz'}" in err
+    blocked = tmp_path / "file.txt"
+    blocked.write_text("x")
+    assert main(["extract", str(photos), *small, "-o", str(blocked / "features.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vggkit extract: error: Cannot write ") and "extract pool5" not in err
+    assert main(["extract", str(photos), "--model", str(tmp_path / "missing.pth"), *small[4:]]) == 2
+    assert f"Checkpoint not found: {tmp_path / 'missing.pth'}" in capsys.readouterr().err

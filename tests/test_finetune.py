@@ -1,6 +1,7 @@
 """Fine-tuning: accuracy from scratch on generated and real images, heads, strategies,
 the feature cache, checkpoints that reload and predict exactly, and the CLI."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,44 @@ def test_load_refuses_a_plain_state_dict_with_the_fix(tmp_path):
     torch.save(vggkit.create_model("vgg11", width=1 / 16).state_dict(), path)
     with pytest.raises(ValueError, match=r"plain state dict, not a vggkit checkpoint.*create_model\('vgg16', weights="):
         vggkit.load(path)
+
+
+def test_unusable_output_and_weights_are_errors_before_training(photos, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sys.modules["vggkit.finetune"], "build_model", no_training)
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    with pytest.raises(ValueError, match=r"The output folder .*file\.txt is a file; choose a folder"):
+        vggkit.finetune(photos, 2, output_dir=not_a_folder, **SMALL)
+    with pytest.raises(ValueError, match=r"Cannot write to the output folder .*; choose a writable folder"):
+        vggkit.finetune(photos, 2, output_dir=not_a_folder / "run", **SMALL)
+
+
+def test_misspelt_weights_and_files_that_are_not_checkpoints(photos, tmp_path, capsys):
+    options = dict(SMALL, weights="imagnet")
+    with pytest.raises(ValueError, match=r"Unknown weights 'imagnet'\. Did you mean 'imagenet'\?"):
+        vggkit.finetune(photos, 2, output_dir=tmp_path, **options)
+    image = next((photos / "chelsea").iterdir())
+    with pytest.raises(ValueError, match=r"\.jpg is not a checkpoint \(not a file written by torch\.save"):
+        vggkit.finetune(photos, 2, output_dir=tmp_path, **dict(SMALL, weights=str(image)))
+    assert main(["finetune", str(photos), "--weights", str(tmp_path / "missing.pth"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vggkit finetune: error: Weight file not found: {tmp_path / 'missing.pth'}"
+
+
+def test_cli_predict_reads_folders_and_rejects_what_is_not_a_checkpoint(photo_run, photos, tmp_path, capsys):
+    assert main(["predict", str(photo_run.checkpoint), str(photos / "coffee"), "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(str(photos / "coffee")) == len(list((photos / "coffee").iterdir()))
+    image = str(next((photos / "chelsea").iterdir()))
+    for checkpoint, message in [(tmp_path / "missing.pth", "Checkpoint not found: "),
+                                ("vgg16", "Checkpoint not found: vgg16 (a file such as the model.pth"),
+                                (image, "is not a checkpoint"), (photos, "is a folder; give the checkpoint file")]:
+        assert main(["predict", str(checkpoint), image]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vggkit predict: error: ") and message in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["predict", str(photo_run.checkpoint), image, "-k", "0"])
+    assert "--top-k: must be at least 1" in capsys.readouterr().err

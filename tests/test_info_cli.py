@@ -3,8 +3,11 @@
 import subprocess
 import sys
 
-from vggkit.cli import main
+import pytest
+
+from vggkit.cli import build_parser, main
 from vggkit.info import layer_rows
+from vggkit.model import VGG
 
 
 def test_info_table_for_vgg16(capsys):
@@ -30,3 +33,39 @@ def test_unknown_model_exits_2_with_a_one_line_error(capsys):
 def test_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "vggkit", "info", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--input-size" in out.stdout and "receptive" in out.stdout
+
+
+def test_too_small_input_and_non_positive_width_are_one_line_errors(capsys):
+    assert main(["info", "vgg16", "--input-size", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vggkit info: error: Input size 10 is too small") and "at least 32 px" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "vgg16", "--width", "0"])
+    assert exit_.value.code == 2 and "--width: must be above 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="width must be above 0"):
+        VGG("vgg11", width=-1)
+
+
+def test_help_gives_examples_and_the_top_level_help_says_where_to_look():
+    parser = build_parser()
+    assert "vggkit COMMAND --help" in parser.format_help() and "``" not in parser.format_help()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("info", "train", "evaluate", "finetune", "extract", "predict", "bench"):
+        assert "example" in commands[name].format_help(), name
+
+
+def test_warnings_print_as_one_line_without_source_code(capsys, monkeypatch):
+    import warnings
+
+    def warn_then_fail(args):
+        warnings.warn("Skipped 1 file(s)")
+        raise PermissionError(13, "Permission denied", "/root/out")
+
+    monkeypatch.setattr("vggkit.cli._info", warn_then_fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["info"]) == 2  # an OSError is an exit code 2 with its message, not a traceback
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["vggkit info: warning: Skipped 1 file(s)",
+                                "vggkit info: error: [Errno 13] Permission denied: '/root/out'"]

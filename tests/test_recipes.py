@@ -89,3 +89,10 @@ def test_values_that_make_no_sense_are_errors(override, message):
 def test_missing_recipe_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match=r"Recipe not found: F-256\. .*D-256-512"):
         Recipe.load("F-256")
+
+
+def test_a_file_that_is_not_toml_text_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(ValueError, match=r"photo\.jpg is not a TOML recipe \(not UTF-8 text\)"):
+        Recipe.load(path)

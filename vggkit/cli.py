@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
+
+DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit COMMAND --help' for a command's "
+               "options and an example.")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -53,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_model
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, _weights_arg(args.weights))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
                       device=args.device, predictions_csv=args.csv, progress=not args.no_progress)
@@ -89,7 +94,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     from .extract import extract_features
+    from .paths import writable_file
 
+    writable_file(args.output, example="features.npz")
     images = args.images[0] if len(args.images) == 1 else args.images
     features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
                                 reduce=None if args.reduce == "none" else args.reduce,
@@ -103,10 +110,21 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .data import is_image_file
     from .predict import predict
 
-    for image, top in zip(args.images, predict(args.checkpoint, args.images, top_k=args.top_k,
-                                               precision=args.precision, device=args.device)):
+    images = []
+    for name in args.images:  # a folder stands for the image files in it (and in its sub-folders)
+        folder = Path(name)
+        if folder.is_dir():
+            found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise ValueError(f"{folder} holds no image files (.jpg, .png, ...).")
+            images += found
+        else:
+            images.append(name)
+    for image, top in zip(images, predict(args.checkpoint, images, top_k=args.top_k,
+                                          precision=args.precision, device=args.device)):
         print(image)
         for name, probability in top:
             print(f"  {probability:7.4f}  {name}")
@@ -122,16 +140,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (a channel multiplier such as 0.25 or 1.0), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vggkit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="layer table of a model: shapes, parameters, receptive fields, FLOPs",
                           description="Print a model's layers with output shapes, parameters, receptive "
-                                      "field/stride/padding and multiply-adds.")
+                                      "field/stride/padding and multiply-adds.",
+                          epilog="examples: vggkit info vgg16 | vggkit info vgg19_bn --input-size 384 "
+                                 "(the dense form) | vggkit info --runtime")
     info.add_argument("model", nargs="?", help="model name, e.g. vgg16, D, vgg19_bn (default vgg16)")
     info.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
-    info.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1.0)")
+    info.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier (default 1.0)")
     info.add_argument("--runtime", action="store_true", help="print the device/precision vggkit will use")
     info.set_defaults(handler=_info)
 
@@ -140,10 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a VGG from a recipe on an ImageFolder tree (DATA/train/<wnid>/*.JPEG, "
                     "DATA/val/<wnid>/*.JPEG).",
-        epilog="Recipes are TOML files (recipes/imagenet/*.toml, one per row of the paper's Table 3; "
+        epilog="examples:\n"
+               "  vggkit train --recipe A --data /data/imagenet --output runs/imagenet/A\n"
+               "  vggkit train --resume --data /data/imagenet --output runs/imagenet/A\n\n"
+               "Recipes are TOML files (recipes/imagenet/*.toml, one per row of the paper's Table 3; "
                "--list-recipes names them). Any recipe value can be overridden:\n"
                "  --set optim.lr=0.001 --set data.scale=[256,512] --set model.name=D\n"
-               "The explicit flags below are shortcuts for the same keys.\n\n"
+               "The explicit flags above are shortcuts for the same keys.\n\n"
                "Many GPUs (DDP, global batch split over processes):\n"
                "  torchrun --nproc_per_node=8 -m vggkit.cli train --recipe A --data IMAGENET --output runs/A\n"
                "Many machines: the same on each node with --nnodes=N --node_rank=i "
@@ -194,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--protocol dense multicrop dense+multicrop --scales 256 384 512")
     evaluate.add_argument("--model", required=True,
                           help="model name (vgg16, D, vgg19_bn, ...) or a vggkit checkpoint file")
-    evaluate.add_argument("--weights", help="imagenet, caffe, timm or a weights file (with a model name)")
+    evaluate.add_argument("--weights", help="imagenet, caffe, timm, a weights file or none (random init), "
+                                            "with a model name")
     evaluate.add_argument("--data", required=True, metavar="VAL_DIR", help="class-folder dataset to evaluate on")
     evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P",
                           choices=PROTOCOLS,
@@ -241,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, help="head learning rate (default 0.01 for sgd, 0.001 for adamw)")
     finetune.add_argument("--backbone-lr-scale", type=float, default=0.1,
                           help="conv layers train at lr times this (default 0.1)")
-    finetune.add_argument("--width", type=float, help="channel multiplier, for models trained from scratch")
+    finetune.add_argument("--width", type=_positive_float, help="channel multiplier, for models trained from scratch")
     finetune.add_argument("--image-size", type=int, help="square training crop in pixels (default: the weights', 224)")
     finetune.add_argument("--val-fraction", type=float, default=0.2, help="validation share without val/ (0.2)")
     finetune.add_argument("--cache", default="auto", choices=("auto", "memory", "disk"),
@@ -269,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("-o", "--output", default="features.npz", help="output .npz (default features.npz)")
     extract.add_argument("--model", default="vgg16", help="model name or a vggkit checkpoint (default vgg16)")
     extract.add_argument("--weights", default="imagenet", help="for a model name: imagenet, caffe, timm, none, file")
-    extract.add_argument("--width", type=float, help="channel multiplier (random-init models)")
+    extract.add_argument("--width", type=_positive_float, help="channel multiplier (random-init models)")
     extract.add_argument("--layer", default="fc7", help="named layer (default fc7)")
     extract.add_argument("--scales", nargs="+", type=int, default=[256], metavar="Q",
                          help="shortest image side(s) in pixels (default 256)")
@@ -290,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint carries the model, classes and preprocessing.",
         epilog="example: vggkit predict vggkit_runs/photos-vgg16/model.pth cat.jpg dog.png --top-k 2")
     predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a vggkit checkpoint (.pth)")
-    predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files")
-    predict.add_argument("-k", "--top-k", type=int, default=5, help="how many classes to list (default 5)")
+    predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders of them")
+    predict.add_argument("-k", "--top-k", type=_positive_int, default=5, help="how many classes to list (default 5)")
     predict.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     predict.set_defaults(handler=_predict)
@@ -303,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or timm's default on the same weights and inputs, with the fraction of the "
                                        "matmul peak measured in the same run. Prints a Markdown table; takes "
                                        "about 2.5 minutes on a quiet 2-core machine, under 10 on a busy one "
-                                       "(--quick: under 2).")
+                                       "(--quick: under 2).",
+                           epilog="example: vggkit bench --quick --markdown bench.md")
     bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller batches, no bf16/compile rows")
     bench.add_argument("--json", metavar="PATH", help="also write the rows and machine facts as JSON")
     bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
@@ -315,11 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_warning = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # A warning reads like the errors: the command's name and the message, not vggkit's source line.
+        print(f"vggkit {args.command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = one_line
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: FileNotFoundError, PermissionError, ...
         print(f"vggkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .configs import resolve
 from .data import FolderScan, ImageError, load_image, report_skipped, scan_folder
 from .model import VGG
+from .paths import RELEASE_NAMES, check_checkpoint_file, check_weights_name, looks_like_a_path, writable_file
 from .protocols import (
     PAPER_SCALES,
     InferenceNetworks,
@@ -121,11 +123,18 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     configuration, class count, class names and preprocessing (e.g. a fine-tuned 2-class model).
     """
     path = Path(model)
-    if not path.is_file():
+    if not path.exists() and looks_like_a_path(model):
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    if not path.exists():
+        resolve(str(model))  # a misspelt name is an error before the warning below
+        if weights is not None and str(weights).lower() not in RELEASE_NAMES:
+            check_weights_name(weights)
         if weights is None:
             warnings.warn(f"No weights given: evaluating a randomly initialised {model} "
-                          f"(pass weights='imagenet', 'caffe', 'timm' or a file).", stacklevel=2)
+                          f"(pass weights='imagenet', 'caffe', 'timm' or a file; --weights on the command line).",
+                          stacklevel=2)
         return create_model(str(model), weights=weights)
+    check_checkpoint_file(path)
     if weights is not None:
         raise ValueError(f"{path} is a checkpoint file and brings its own weights; leave out the weights "
                          f"(or give a model name with weights={str(weights)!r}).")
@@ -273,6 +282,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     scales = check_scales(scales)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if predictions_csv is not None:
+        writable_file(predictions_csv, example="predictions.csv")  # before the pass, not after it
     scan = match_classes(model, data_dir)
     report_skipped(scan.skipped)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .backbone import VGGBackbone
 from .data import EvalTransform, ImageError, is_image_file, load_image, report_skipped, scan_folder
 from .model import VGG, check_layers
+from .paths import looks_like_a_path
 from .runtime import optimize
 
 REDUCTIONS = ("mean", "stack", None)
@@ -182,6 +183,12 @@ def extract_features(
         if len(scales) != 1:
             raise ValueError(f"Maps (pool=None) of different scales do not stack; give one scale, not {scales}.")
         crop = crop or scales[0]
+    if isinstance(images_or_dir, (str, os.PathLike)) and not Path(images_or_dir).exists():
+        raise FileNotFoundError(f"Image folder or file not found: {images_or_dir}")
+    if layer in ("fc6", "fc7", "fc8") and (crop or min(scales)) < 224:
+        raise ValueError(f"Layer {layer}: the fully-convolutional VGG needs an input of at least 224x224 px; "
+                         f"got scale {crop or min(scales)}. Use scales of 224 or more, or a conv/pool "
+                         f"layer (e.g. pool5) for smaller images.")
     model = _as_model(model_or_name, weights, width)
     fast = optimize(LayerTap(model, layer), precision=precision, device=device)
     sources, labels, class_names, skipped = resolve_images(images_or_dir)
@@ -217,7 +224,7 @@ def extract_features(
 def _as_model(model_or_name, weights, width) -> VGG:
     if isinstance(model_or_name, nn.Module):
         return model_or_name
-    if Path(str(model_or_name)).is_file():
+    if Path(str(model_or_name)).exists() or looks_like_a_path(model_or_name):
         from .predict import load
 
         return load(model_or_name)

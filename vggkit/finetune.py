@@ -32,6 +32,7 @@ from .data import EvalTransform, FolderScan, ImageListDataset, TrainTransform, f
 from .feature_cache import FeatureCache, FlipViews
 from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
+from .paths import check_weights_name, writable_folder
 from .predict import load
 from .runtime import choose_runtime, optimize
 from .weights import checkpoint_metadata, create_model, save_checkpoint
@@ -252,11 +253,12 @@ def build_model(model: str, weights, num_classes: int, head: str, width: float |
     if weights is None or (isinstance(weights, str) and weights.lower() in ("imagenet", "caffe", "timm")):
         vgg = create_model(model, weights=weights, num_classes=num_classes, width=width, dropout=dropout)
     else:
+        check_weights_name(weights)
         meta = checkpoint_metadata(weights)
         if meta.get("format") == "vggkit":
             if resolve(meta["model_name"]) != resolve(model):
                 raise ValueError(f"{weights} holds a {meta['model_name']}, not a {resolve(model).name}: "
-                                 f"pass model={meta['model_name']!r}.")
+                                 f"pass model={meta['model_name']!r} (--model {meta['model_name']}).")
             vgg = load(weights)
         else:
             vgg = create_model(model, weights=weights, width=width, dropout=dropout)
@@ -414,6 +416,7 @@ def finetune(
     data_dir = Path(data_dir)
     output_dir = Path(output_dir) if output_dir is not None else Path("vggkit_runs") / f"{data_dir.name}-{model}"
     splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
+    writable_folder(output_dir)  # before training, not when saving its result
     report_skipped(splits.skipped)
     num_classes = len(splits.classes)
 

@@ -15,6 +15,9 @@ def layer_rows(name: str, input_size: int = 224, width: float = 1.0) -> list[dic
 
     fc6-fc8 are counted as the dense convs on the pool5 map (at 224: the FC layers).
     """
+    if input_size < 32:
+        raise ValueError(f"Input size {input_size} is too small: the five 2x2 max-poolings need at least 32 px "
+                         f"(224 is the paper's, 384 and up give the dense form).")
     model = VGG(name, width=width).eval()
     rf = receptive_field(name)
     hooks, shapes = [], {}

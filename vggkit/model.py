@@ -103,6 +103,8 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = resolve(name)
+        if not width > 0:
+            raise ValueError(f"width must be above 0 (a channel multiplier such as 0.25 or 1.0), got {width}.")
         self.num_classes = num_classes
         self.dropout = dropout
         self.width = width

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .data import load_image
 from .heads import attach_head
 from .model import VGG
+from .paths import check_checkpoint_file
 from .preprocess import Preprocess
 from .runtime import optimize
 from .weights import read_weights_file, unwrap_checkpoint
@@ -29,7 +30,7 @@ def load(checkpoint: str | os.PathLike) -> VGG:
     """A float32 VGG in eval mode, with its head, class names and preprocessing, from a
     vggkit checkpoint (as written by ``finetune`` or ``save_checkpoint``).
     """
-    path = Path(checkpoint)
+    path = check_checkpoint_file(checkpoint)
     state, meta = unwrap_checkpoint(read_weights_file(path))
     if meta.get("format") != "vggkit":
         raise ValueError(f"{path} is a plain state dict, not a vggkit checkpoint: it does not say which model "

@@ -113,6 +113,9 @@ class Recipe:
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"{path} is not valid TOML: {error}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a TOML recipe (not UTF-8 text); give a .toml file or a recipe name "
+                             f"(vggkit train --list-recipes).") from None
         return cls.from_dict(apply_overrides(data, overrides), source=str(path))
 
     @classmethod

@@ -1,0 +1,79 @@
+"""Checks on the files a user names, made before any work starts: checkpoints to read, outputs to write."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+RELEASE_NAMES = ("imagenet", "caffe", "timm")
+
+# The first bytes of the files torch.load and safetensors read: a zip archive (torch.save since 1.6),
+# a pickle (protocol 2+, older torch.save), a safetensors header (8-byte length, then '{').
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+
+
+def looks_like_a_path(text: str | os.PathLike) -> bool:
+    """True for what is meant as a file (a folder in it, or a weight file's extension), not a model name."""
+    text = str(text)
+    return os.sep in text or Path(text).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "Checkpoint") -> Path:
+    """``path`` as a Path if it exists and looks like a weight file; else a one-line error saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        hint = "" if looks_like_a_path(path) else " (a file such as the model.pth that vggkit finetune writes)"
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the checkpoint file in it (e.g. {path / 'model.pth'}).")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not (head.startswith(_ZIP) or head.startswith(_PICKLE) or looks_like_safetensors):
+        raise ValueError(f"{path} is not a checkpoint (not a file written by torch.save or safetensors); "
+                         f"give a .pth/.pt/.safetensors file, e.g. the model.pth that vggkit finetune writes.")
+    return path
+
+
+def check_weights_name(weights: str | os.PathLike) -> None:
+    """A ``weights`` value that is not a release name: an existing weight file, else an error with the likely fix."""
+    if Path(weights).exists():
+        check_checkpoint_file(weights, "Weight file")
+        return
+    text = str(weights)
+    if os.sep not in text and "." not in text:
+        close = difflib.get_close_matches(text.lower(), RELEASE_NAMES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown weights {text!r}.{hint} Use imagenet, caffe, timm, a weight file, "
+                         f"or none for random initialisation.")
+    raise FileNotFoundError(f"Weight file not found: {text}")
+
+
+def writable_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove a file can be written in it; else a one-line error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"The output folder {path} is a file; choose a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"Cannot write to the output folder {path} ({error.strerror or error}); "
+                         f"choose a writable folder.") from None
+    return path
+
+
+def writable_file(path: str | os.PathLike, example: str = "output") -> Path:
+    """Check that ``path`` can be written (its folder is created if needed) before the work that fills it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name in it, e.g. {path / example}.")
+    try:
+        writable_folder(path.parent)
+    except ValueError:
+        raise ValueError(f"Cannot write {path}: its folder {path.parent} cannot be created or written; "
+                         f"choose a writable path.") from None
+    return path
