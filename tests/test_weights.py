@@ -160,6 +160,11 @@ def test_non_weight_files_are_clear_errors(tmp_path):
         vggkit.create_model("vgg11", weights=tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError, match="Weight file not found"):
         vggkit.create_model("vgg11", weights=tmp_path / "missing.pth")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.pth", "JPEG")
+    with pytest.raises(WeightsError, match=r"photo.pth is not a PyTorch weight file \(a JPEG image\)"):
+        vggkit.create_model("vgg11", weights=tmp_path / "photo.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(WeightsError, match="not a valid .safetensors"):
         vggkit.create_model("vgg11", weights=tmp_path / "bad.safetensors")
@@ -211,6 +216,11 @@ def test_no_published_release_for_lrn_or_c():
 def test_offline_timm_is_a_clear_error():
     with pytest.raises(WeightsUnavailableError, match="vgg11.tv_in1k"):
         vggkit.create_model("vgg11", weights="timm")
+
+
+def test_width_zero_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="width must be above 0"):
+        vggkit.create_model("vgg11", width=0)
 
 
 def test_unknown_weights_word():

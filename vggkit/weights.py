@@ -64,6 +64,7 @@ def read_weights_file(path: str | os.PathLike) -> dict:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own SafetensorError
             raise WeightsError(f"{path} is not a valid .safetensors file ({error}).") from None
+    _check_torch_file(path)
     try:
         loaded = _torch_load(path)
     except pickle.UnpicklingError as error:
@@ -81,6 +82,24 @@ def read_weights_file(path: str | os.PathLike) -> dict:
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors.")
     return loaded
+
+
+# How the files torch.save writes begin: a zip archive (torch >= 1.6) or a pickle (legacy).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+OTHER_FILE_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+                    b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive"}
+
+
+def _check_torch_file(path: Path) -> None:
+    """``WeightsError`` for a file that cannot be a torch.save checkpoint, saying what it looks like."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(TORCH_FILE_MAGIC):
+        return
+    kind = next((name for magic, name in OTHER_FILE_MAGIC.items() if head.startswith(magic)),
+                "an empty file" if not head else "unrecognised contents")
+    raise WeightsError(f"{path} is not a PyTorch weight file ({kind}). "
+                       f"Pass a .pth/.pt state dict, a .safetensors file or a vggkit checkpoint.")
 
 
 def _torch_load(path: Path):
@@ -421,7 +440,8 @@ def create_model(name: str | None = None, weights: str | os.PathLike | None = No
     ``.preprocess`` set to the weights' input transform.
     """
     if weights is None:
-        model = VGG(name or "vgg16", num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
+        model = VGG(name or "vgg16", num_classes=num_classes or 1000, dropout=dropout,
+                    width=1.0 if width is None else width, init=init)
         model.preprocess = IMAGENET
         return model
     if _is_release(weights):
@@ -437,7 +457,8 @@ def create_model(name: str | None = None, weights: str | os.PathLike | None = No
         dropout = meta.get("dropout", dropout)
     # Built on the meta device: every tensor is about to be overwritten, so skip the random init.
     with torch.device("meta"):
-        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout, width=width or 1.0, init=init)
+        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout,
+                    width=1.0 if width is None else width, init=init)
     model.to_empty(device="cpu")
     fresh_fc8 = _is_release(weights) and model.num_classes != 1000
     return _apply(model, state, meta, preprocess, info, layout, fresh_fc8=fresh_fc8)
