@@ -19,6 +19,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import gradio as gr  # noqa: E402
 
 from vggkit import demo as views  # noqa: E402
+from vggkit.cli import positive_float  # noqa: E402
 from vggkit.configs import PAPER_CONFIGS  # noqa: E402
 
 EXAMPLES = [str(p) for p in sorted((Path(__file__).resolve().parent / "assets" / "examples").glob("*.jpg"))]
@@ -219,13 +220,6 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         score_tab.select(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_visibility="private")
         feature_tab.select(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private")
     return app
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 (a channel multiplier such as 0.25 or 1.0), got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -147,7 +147,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0 (a channel multiplier such as 0.25 or 1.0), got {text}")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(the dense form) | vggkit info --runtime")
     info.add_argument("model", nargs="?", help="model name, e.g. vgg16, D, vgg19_bn (default vgg16)")
     info.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
-    info.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier (default 1.0)")
+    info.add_argument("--width", type=positive_float, default=1.0, help="channel multiplier (default 1.0)")
     info.add_argument("--runtime", action="store_true", help="print the device/precision vggkit will use")
     info.set_defaults(handler=_info)
 
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, help="head learning rate (default 0.01 for sgd, 0.001 for adamw)")
     finetune.add_argument("--backbone-lr-scale", type=float, default=0.1,
                           help="conv layers train at lr times this (default 0.1)")
-    finetune.add_argument("--width", type=_positive_float, help="channel multiplier, for models trained from scratch")
+    finetune.add_argument("--width", type=positive_float, help="channel multiplier, for models trained from scratch")
     finetune.add_argument("--image-size", type=int, help="square training crop in pixels (default: the weights', 224)")
     finetune.add_argument("--val-fraction", type=float, default=0.2, help="validation share without val/ (0.2)")
     finetune.add_argument("--cache", default="auto", choices=("auto", "memory", "disk"),
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("-o", "--output", default="features.npz", help="output .npz (default features.npz)")
     extract.add_argument("--model", default="vgg16", help="model name or a vggkit checkpoint (default vgg16)")
     extract.add_argument("--weights", default="imagenet", help="for a model name: imagenet, caffe, timm, none, file")
-    extract.add_argument("--width", type=_positive_float, help="channel multiplier (random-init models)")
+    extract.add_argument("--width", type=positive_float, help="channel multiplier (random-init models)")
     extract.add_argument("--layer", default="fc7", help="named layer (default fc7)")
     extract.add_argument("--scales", nargs="+", type=int, default=[256], metavar="Q",
                          help="shortest image side(s) in pixels (default 256)")

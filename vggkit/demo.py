@@ -27,7 +27,7 @@ from torchvision.transforms import functional as TF
 
 from .backbone import VGGBackbone
 from .configs import CONFIG_BLOCKS, DEPTHS, PAPER_CONFIGS, PAPER_PARAMETERS, layer_names, resolve
-from .data import load_image, rescale_shortest
+from .data import load_image, rescale_shortest, rescaled_size
 from .model import POOL5_GRID, VGG
 from .plots import (plot_feature_grid, plot_heatmap_overlay, plot_parameter_split, plot_receptive_field_growth,
                     plot_stack_receptive_fields)
@@ -480,19 +480,11 @@ def layer_receptive_field(name: str, layer: str) -> ReceptiveField:
     return receptive_field(name)[layer]
 
 
-def rescaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
-    """(width, height) after rescaling the shortest side to ``scale``, as torchvision's resize rounds it."""
-    width, height = size
-    if width <= height:
-        return scale, int(scale * height / width)
-    return int(scale * width / height), scale
-
-
 def score_map_sizes(size: tuple[int, int], scales: tuple[int, ...]) -> pd.DataFrame:
     """Per Q: the rescaled image and its raw class score map, floor(side / 32) - 6 on each side."""
     rows = []
     for scale in scales:
-        width, height = rescaled_size(size, scale)
+        width, height = rescaled_size(*size, scale)
         rows.append({"Q": scale, "rescaled image (W x H)": f"{width} x {height}",
                      "class score map (w x h)": f"{math.floor(width / 32) - 6} x {math.floor(height / 32) - 6}"})
     return pd.DataFrame(rows)

@@ -50,8 +50,8 @@ def check_weights_name(weights: str | os.PathLike) -> None:
     raise FileNotFoundError(f"Weight file not found: {text}")
 
 
-def writable_folder(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove a file can be written in it; else a one-line error."""
+def writable_folder(path: str | os.PathLike, fix: str = "choose a writable folder") -> Path:
+    """Create ``path`` if needed and prove a file can be written in it; else a one-line error ending in ``fix``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"The output folder {path} is a file; choose a folder.")
@@ -61,8 +61,7 @@ def writable_folder(path: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"Cannot write to the output folder {path} ({error.strerror or error}); "
-                         f"choose a writable folder.") from None
+        raise ValueError(f"Cannot write to the output folder {path} ({error.strerror or error}); {fix}.") from None
     return path
 
 

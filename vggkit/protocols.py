@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
 from .data import grid_offsets, load_image, rescale_shortest
+from .data import rescaled_size as data_rescaled_size
 from .model import VGG, FullyConvVGG
 from .preprocess import IMAGENET, Preprocess
 from .runtime import OptimizedModel, Runtime, optimize
@@ -141,9 +142,8 @@ def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
 
 def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
     """(H, W) after ``rescaled_view``: the shortest side becomes ``scale``, the other keeps the aspect ratio."""
-    if height <= width:
-        return scale, int(scale * width / height)
-    return int(scale * height / width), scale
+    new_width, new_height = data_rescaled_size(width, height, scale)
+    return new_height, new_width
 
 
 def rescaled_view(image: Image.Image, scale: int) -> torch.Tensor:

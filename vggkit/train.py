@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .data import EvalTransform, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
 from .model import VGG
+from .paths import writable_folder
 from .recipe import Recipe, apply_overrides
 from .runtime import choose_runtime
 from .train_data import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
@@ -155,15 +156,7 @@ def setup_distributed(device: str = "") -> Distributed:
 
 def prepare_output(output_dir: str | os.PathLike, resume: bool) -> Path:
     """Create the run folder and prove it is writable; refuse to overwrite a run that is not resumed."""
-    output = Path(output_dir)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"Cannot write to the output folder {output} ({error.strerror or error}); "
-                         f"choose a writable --output.") from None
+    output = writable_folder(output_dir, fix="choose a writable --output")
     if resume and not (output / LAST).is_file():
         raise FileNotFoundError(f"Nothing to resume: {output / LAST} not found. Start the run without --resume.")
     if not resume and (output / LAST).is_file():
