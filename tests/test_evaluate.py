@@ -252,7 +252,8 @@ def test_protocols_equal_a_plain_reference_loop(labelled_folder, tmp_path):
     try:
         with pytest.warns(UserWarning, match="broken.jpg"):
             result = vggkit.evaluate(model, labelled_folder, protocol=list(PROTOCOLS), scales=scales,
-                                     workers=0, progress=False, predictions_csv=tmp_path / "predictions.csv")
+                                     workers=0, progress=False, predictions_csv=tmp_path / "predictions.csv",
+                                     precision="fp32", device="cpu")  # float32 numbers compared below
     finally:
         broken.unlink()
 

@@ -27,6 +27,9 @@ def photos(tmp_path_factory) -> Path:
     return make_photo_crops(tmp_path_factory.mktemp("photos"), per_class=30)
 
 
+FP32_CPU = {"precision": "fp32", "device": "cpu"}  # for tests that compare float32 numbers
+
+
 def photo(size=(300, 240), seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -35,7 +38,8 @@ def photo(size=(300, 240), seed=0) -> Image.Image:
 def test_dense_fc7_at_224_is_the_classifier_fc7(model):
     """On a 224 px image the dense fc7 map is 1x1 and equals the fully-connected fc7."""
     images = [photo((224, 224), seed) for seed in range(3)]
-    features = extract_features(model, images, layer="fc7", scales=(224,), normalize=False, progress=False)
+    features = extract_features(model, images, layer="fc7", scales=(224,), normalize=False, progress=False,
+                                **FP32_CPU)
     x = torch.stack([model.preprocess.normalize(TF.to_tensor(image)) for image in images])
     with torch.no_grad():
         expected = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -47,18 +51,19 @@ def test_paper_descriptor_flip_normalisation_and_scales(model):
     image = photo((300, 240))
     mirror = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scales = (224, 256)
-    per_view = extract_features(model, [image, mirror], scales=scales, reduce=None, normalize=False, progress=False)
+    per_view = extract_features(model, [image, mirror], scales=scales, reduce=None, normalize=False,
+                                progress=False, **FP32_CPU)
     flipped = extract_features(model, [image], scales=scales, flip=True, reduce=None, normalize=False,
-                               progress=False)
+                               progress=False, **FP32_CPU)
     assert per_view.features.shape == (2, 2, 256)  # (images, scales, fc7 channels)
     np.testing.assert_allclose(flipped.features[0], per_view.features.mean(axis=0), rtol=1e-4, atol=1e-6)
 
     unit = per_view.features[:1] / np.linalg.norm(per_view.features[:1], axis=-1, keepdims=True)
-    kept = extract_features(model, [image], scales=scales, reduce=None, progress=False).features
+    kept = extract_features(model, [image], scales=scales, reduce=None, progress=False, **FP32_CPU).features
     np.testing.assert_allclose(kept, unit, rtol=1e-4, atol=1e-6)
-    stacked = extract_features(model, [image], scales=scales, reduce="stack", progress=False).features
+    stacked = extract_features(model, [image], scales=scales, reduce="stack", progress=False, **FP32_CPU).features
     np.testing.assert_allclose(stacked, unit.reshape(1, -1), rtol=1e-4, atol=1e-6)
-    averaged = extract_features(model, [image], scales=scales, reduce="mean", progress=False).features
+    averaged = extract_features(model, [image], scales=scales, reduce="mean", progress=False, **FP32_CPU).features
     np.testing.assert_allclose(averaged, unit.mean(axis=1), rtol=1e-4, atol=1e-6)
 
 
@@ -68,11 +73,11 @@ def test_conv_layers_pooled_or_as_maps_match_the_backbone(model):
     x = torch.stack([EvalTransform(scale=96, crop=96, preprocess=model.preprocess)(im) for im in images])
     with torch.no_grad():
         expected = tap(x)["conv4_3"]
-    maps = extract_features(model, images, layer="conv4_3", scales=(96,), pool=None, progress=False)
+    maps = extract_features(model, images, layer="conv4_3", scales=(96,), pool=None, progress=False, **FP32_CPU)
     assert maps.features.shape == (2, 32, 12, 12)
     np.testing.assert_allclose(maps.features, expected.numpy(), rtol=1e-4, atol=1e-5)
     pooled = extract_features(model, images, layer="conv4_3", scales=(96,), crop=96, normalize=False,
-                              progress=False)
+                              progress=False, **FP32_CPU)
     np.testing.assert_allclose(pooled.features, expected.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
 
 

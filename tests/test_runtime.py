@@ -254,3 +254,68 @@ def test_a_used_optimized_model_can_be_copied_pickled_and_optimized_again():
     again = vggkit.optimize(fast, precision="fp32")
     assert isinstance(again.model, vggkit.VGG)
     torch.testing.assert_close(again(x), expected)
+
+
+# --------------------------------------------------------------------------- the device the caller gets back
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin of this test runs here")
+
+
+def test_auto_on_cuda_is_bf16_channels_last_and_compiles_long_jobs(monkeypatch):
+    """The GPU choices, decided without a GPU: only ``torch.cuda``'s answers are simulated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    runtime = rt.choose_runtime("auto", compile="auto", long_job=True)
+    assert (runtime.device.type, runtime.dtype, runtime.channels_last, runtime.compile) == (
+        "cuda", torch.bfloat16, True, True)
+    assert runtime.reason == "CUDA with bf16"
+    assert not rt.choose_runtime("auto", compile="auto", long_job=False).compile
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert rt.choose_runtime("auto").dtype == torch.float16  # pre-Ampere GPUs: fp16
+
+
+def test_optimizing_an_optimized_copy_keeps_its_device(monkeypatch):
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the default device would now be CUDA
+    again = vggkit.optimize(fast, precision="fp32")
+    assert again.runtime.device == torch.device("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    assert again(x).device == x.device
+
+
+@CUDA
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_on_cuda_the_output_comes_back_where_the_input_was(where):
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cuda")
+    x = torch.randn(2, 3, 64, 64, device=where)
+    out = fast(x)
+    assert out.device == x.device and out.dtype == torch.float32
+    with torch.no_grad():
+        expected = model.to(where)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)  # cuDNN may use TF32
+    assert vggkit.optimize(fast).runtime.device.type == "cuda"
+
+
+@CUDA
+def test_cuda_default_is_bf16_channels_last_and_agrees_with_float32():
+    model = vggkit.create_model("vgg16", width=1 / 16, num_classes=5).eval()
+    fast = vggkit.optimize(model)
+    assert fast.runtime.precision in ("bf16", "fp16") and fast.runtime.channels_last
+    assert fast.model.features.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64)
+    out = fast(x)
+    with torch.no_grad():
+        exact = model(x)
+    assert out.device.type == "cpu" and out.dtype == torch.float32
+    assert F.cosine_similarity(out, exact).min() >= 0.999
+
+
+@CUDA
+def test_cuda_compiled_copy_matches_eager():
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3).eval()
+    eager, compiled = vggkit.optimize(model, device="cuda"), vggkit.optimize(model, device="cuda", compile=True)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    assert compiled.runtime.compile
+    torch.testing.assert_close(compiled(x), eager(x), rtol=5e-2, atol=5e-2)

@@ -136,13 +136,14 @@ def choose_runtime(precision: str = "auto", device: str | torch.device | None = 
                    reason=reason)
 
 
-def _to_float32(out):
+def _to_float32(out, device: torch.device):
+    """Tensors (also inside dicts, lists, tuples) as float32 on ``device``: one copy at most each."""
     if isinstance(out, torch.Tensor):
-        return out.float()
+        return out.to(device, torch.float32)
     if isinstance(out, dict):
-        return type(out)((k, _to_float32(v)) for k, v in out.items())
+        return type(out)((k, _to_float32(v, device)) for k, v in out.items())
     if isinstance(out, (list, tuple)):
-        return type(out)(_to_float32(v) for v in out)
+        return type(out)(_to_float32(v, device) for v in out)
     return out
 
 
@@ -176,9 +177,10 @@ def inference_copy(model: nn.Module, runtime: Runtime) -> nn.Module:
 class OptimizedModel(nn.Module):
     """An inference copy of a model under a ``Runtime``.
 
-    Takes ordinary float32 NCHW input on any device, returns float32 (tensors or dicts
-    of tensors) on the runtime's device; runs in inference mode. The original model
-    is left untouched.
+    Takes ordinary float32 NCHW input on any device and returns float32 (tensors or dicts
+    of tensors) on the device the input came from, so it drops in where the model was:
+    a CPU tensor in, a CPU tensor out, even when the copy runs on the GPU. Runs in
+    inference mode. The original model is left untouched.
     """
 
     def __init__(self, model: nn.Module, runtime: Runtime) -> None:
@@ -192,7 +194,7 @@ class OptimizedModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
-            return _to_float32(self._forward(self.runtime.input(x)))
+            return _to_float32(self._forward(self.runtime.input(x)), x.device)
 
     def train(self, mode: bool = True) -> "OptimizedModel":
         if mode:
@@ -204,10 +206,12 @@ def optimize(model: nn.Module, precision: str = "auto", device: str | torch.devi
              compile: bool | str = False, long_job: bool = False) -> OptimizedModel:
     """A fast inference copy of ``model``: bf16/channels_last where the hardware runs them fast.
 
-    Input: float32 (N, 3, H, W) on any device; output: float32 on the runtime's device.
+    Input: float32 (N, 3, H, W) on any device; output: float32 on the input's device.
     ``model`` itself is not changed. ``compile="auto"`` compiles only a ``long_job``.
-    An ``OptimizedModel`` given here is re-made from its inner copy, not wrapped twice.
+    An ``OptimizedModel`` given here is re-made from its inner copy, not wrapped twice,
+    on the device it was given unless ``device`` says otherwise.
     """
     if isinstance(model, OptimizedModel):
+        device = model.runtime.device if device is None else device
         model = model.model
     return OptimizedModel(model, choose_runtime(precision, device, compile, long_job))
