@@ -49,3 +49,43 @@ def test_cli_help(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_agreement_uses_the_tolerance_of_the_precision_that_ran():
+    import torch
+
+    torch.manual_seed(0)
+    exact = torch.randn(4, 512, 14, 14).relu()
+    rounded = exact.bfloat16().float()  # bf16's own rounding: ~0.2% relative
+    assert bench.agreement([rounded], [exact], "bf16").startswith("same as torchvision within bf16")
+    assert bench.agreement([rounded], [exact], "fp32").startswith("DIFFERS from torchvision within fp32")
+    assert bench.agreement([exact * 1.1], [exact], "bf16").startswith("DIFFERS")
+    assert bench.agreement([exact], [exact], "fp32") == \
+        "same as torchvision within fp32 (relative error 0.0e+00, tolerance 1e-04)"
+
+
+def test_device_bench_rows_run_on_the_cpu_at_toy_size():
+    """The GPU bench's code path, on the CPU at 32 px and batch 2: every (a) row, ratios, bf16-peak fractions."""
+    import torch
+
+    from vggkit import bench_gpu
+
+    result = bench_gpu.run_device_bench("cpu", settings=bench_gpu.DeviceSettings.tiny(), log=lambda message: None)
+    inference = [r for r in result.rows if r.task.startswith("(a)")]
+    assert [r.how.split(" (")[0] for r in inference] == [
+        "torchvision default", "torchvision + bf16 autocast + channels_last", "vggkit.optimize default"]
+    assert inference[0].reference and all(r.ratio > 0 for r in inference[1:])
+    assert all(r.images_per_s > 0 and 0 < r.peak_fraction for r in result.rows if r.gflop_per_image)
+    assert result.peak_basis == "bf16" and result.machine["device"] == bench.cpu_name()
+    assert "same as torchvision" in inference[2].note
+    table = result.markdown()
+    assert "% of bf16's peak" in table and "(a) vgg16 inference, data on the cpu" in table
+    assert torch.get_num_threads() >= 1
+
+
+def test_cuda_bench_without_a_gpu_is_one_clear_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "this machine has no CUDA GPU" in capsys.readouterr().err

@@ -132,9 +132,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from .bench import run_bench, write_outputs
 
-    result = run_bench(quick=args.quick)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        result = run_bench(quick=args.quick)
+    else:
+        from .bench_gpu import run_device_bench
+        result = run_device_bench(device, quick=args.quick)
     write_outputs(result, args.json, args.markdown)
     print(result.markdown())
     return 0
@@ -344,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(--quick: under 2).",
                            epilog="example: vggkit bench --quick --markdown bench.md")
     bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller batches, no bf16/compile rows")
+    bench.add_argument("--device", choices=("cpu", "cuda"),
+                       help="cuda: the GPU bench (inference, training step, end-to-end training, input pipelines, "
+                            "evaluation at batch 256; under 8 minutes on one GPU); cpu: the CPU bench above "
+                            "(default: cuda when a GPU is present)")
     bench.add_argument("--json", metavar="PATH", help="also write the rows and machine facts as JSON")
     bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
     bench.set_defaults(handler=_bench)
