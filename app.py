@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -24,9 +27,11 @@ from vggkit.configs import PAPER_CONFIGS  # noqa: E402
 
 EXAMPLES = [str(p) for p in sorted((Path(__file__).resolve().parent / "assets" / "examples").glob("*.jpg"))]
 DEFAULT_EXAMPLE = next((p for p in EXAMPLES if p.endswith("chelsea.jpg")), EXAMPLES[0] if EXAMPLES else None)
-SCALE_CHOICES = [224, 256, 288, 320, 384, 448, 512]
-DEFAULT_SCALES = [256, 384]
+# Strings, as the API advertises them: a client sends back exactly what view_api() lists.
+SCALE_CHOICES = ["224", "256", "288", "320", "384", "448", "512"]
+DEFAULT_SCALES = ["256", "384"]
 MAX_FILE_SIZE = "10mb"
+MAX_QUEUE = 64  # requests waiting beyond this are refused with Gradio's "queue is full", not left to pile up
 CSS = "#untrained-banner {background: #fff4d6; border: 2px solid #e0a000; border-radius: 8px; padding: 4px 12px;}"
 
 INTRO = """# vggkit: how a VGG network sees
@@ -36,22 +41,44 @@ fully-convolutional network at test time. Everything here runs on this machine, 
 
 
 def user_errors(callback):
-    """Show a bad input (not an image, a decompression bomb, a wrong layer) as a message in the app."""
+    """Answer every failure of a view with vggkit's one-line message in the app; the server goes on serving."""
 
     @functools.wraps(callback)
     def wrapped(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
-        except ValueError as error:  # vggkit.data.ImageError is a ValueError
-            raise gr.Error(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - one request's failure must never reach the server
+            if not isinstance(error, (ValueError, TimeoutError)):  # unexpected: keep the traceback in the log
+                logging.getLogger("vggkit.app").exception("%s failed", callback.__name__)
+            raise gr.Error(views.describe_error(error), print_exception=False) from None
 
     return wrapped
 
 
+def unopened_uploads(image: gr.Image) -> gr.Image:
+    """Make ``image`` hand an uploaded file to vggkit unopened.
+
+    gr.Image opens every upload with PIL before the callback runs, so a text file named .jpg, an
+    empty file or a decompression bomb ended in Gradio's generic error; this way
+    vggkit.data.load_image decodes and validates the file, and its message reaches the user.
+    (An instance attribute, not a subclass: Gradio writes a .pyi file beside any module that
+    defines a component class.)
+    """
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or payload.path is None:  # nothing, or a pasted data: URL Gradio decodes itself
+            return gradio_preprocess(payload)
+        return str(payload.path)
+
+    image.preprocess = preprocess
+    return image
+
+
 def image_input(label: str, elem_id: str) -> gr.Image:
     """An upload box (files reach vggkit.data.load_image as paths) with the example photographs under it."""
-    image = gr.Image(value=DEFAULT_EXAMPLE, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                     label=label, height=300, elem_id=elem_id)
+    image = unopened_uploads(gr.Image(value=DEFAULT_EXAMPLE, type="filepath", image_mode=None, label=label,
+                                      sources=["upload", "clipboard"], height=300, elem_id=elem_id))
     gr.Examples(EXAMPLES, inputs=image, label="Examples")
     return image
 
@@ -92,11 +119,11 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         return views.stack_measurement(int(channels), int(depth), int(size))
 
     @user_errors
-    def score_maps(image, scales, class_index=None):
+    def score_maps(image, scales, class_name=None):
         if image is None:
             return None, None, None, None
-        view = network.score_maps_view(image, scales or DEFAULT_SCALES, class_index)
-        return view.top5, view.overlay, view.sizes, view.class_index
+        view = network.score_maps_view(image, scales or DEFAULT_SCALES, class_name)
+        return view.top5, view.overlay, view.sizes, network.class_label(view.class_index)
 
     @user_errors
     def feature_maps(image, layer, count):
@@ -127,7 +154,7 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
                     with gr.Column(scale=3):
                         rf_picture = gr.Image(label="Click a position: the unit's theoretical receptive field",
                                               type="pil", format="png", interactive=False, elem_id="rf-picture")
-                        rf_summary = gr.Markdown()
+                        rf_summary = gr.Markdown(label="Unit summary")
                     with gr.Column(scale=3):
                         rf_effective = gr.Plot(label="Effective receptive field", format="png", elem_id="rf-effective")
                 with gr.Row():
@@ -158,8 +185,9 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
                     with gr.Column(scale=2):
                         sm_image = image_input("Image", "sm-image")
                         sm_scales = gr.CheckboxGroup(SCALE_CHOICES, value=DEFAULT_SCALES, label="Test scales Q")
-                        sm_class = gr.Dropdown(network.class_choices(), value=None, label="Class to map "
-                                               "(default: the top prediction)")
+                        sm_class = gr.Textbox(label="Class to map", elem_id="sm-class",
+                                              placeholder="an index or a name, e.g. 281 or tabby; blank: the "
+                                                          "top prediction (press Enter)")
                         sm_sizes = gr.Dataframe(label="Raw class score map sizes", interactive=False, elem_id="sm-sizes")
                     with gr.Column(scale=3):
                         sm_overlay = gr.Plot(label="Class score map over the image (softmax probability, mean "
@@ -194,13 +222,18 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
 
         # -------------------------------------------------------------- wiring
 
+        # Each heavy view runs one request at a time (its events share a concurrency_id; serve() sets the
+        # limit to 1): a burst of requests waits in the queue instead of competing for memory and cores.
+        rf_heavy, sm_heavy, fm_heavy = ({"concurrency_id": name} for name in ("receptive_field", "score_maps",
+                                                                              "feature_maps"))
         rf_inputs, rf_outputs = [rf_image, rf_config, rf_layer], [rf_picture, rf_effective, rf_summary, rf_x, rf_y]
-        gr.on([rf_image.change, rf_layer.input], receptive_field, rf_inputs, rf_outputs, api_name="receptive_field")
+        gr.on([rf_image.change, rf_layer.input], receptive_field, rf_inputs, rf_outputs, api_name="receptive_field",
+              **rf_heavy)
         rf_config.input(receptive_field_config, [rf_config, rf_layer], [rf_layer, rf_table],
                         api_name="receptive_field_config").then(receptive_field, rf_inputs, rf_outputs,
-                                                                api_visibility="private")
+                                                                api_visibility="private", **rf_heavy)
         rf_picture.select(clicked, None, [rf_x, rf_y], api_visibility="private").then(
-            receptive_field, rf_inputs + [rf_x, rf_y], rf_outputs, api_name="receptive_field_at")
+            receptive_field, rf_inputs + [rf_x, rf_y], rf_outputs, api_name="receptive_field_at", **rf_heavy)
 
         st_inputs = [st_channels, st_depth, st_size]
         gr.on([s.release for s in st_inputs], compare_stacks, st_inputs, [st_costs, st_drawing],
@@ -208,18 +241,46 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         st_measure.click(measure_stacks, st_inputs, st_measured, api_name="measure_stacks")
 
         sm_outputs = [sm_top5, sm_overlay, sm_sizes, sm_class]
-        gr.on([sm_image.change, sm_scales.input], score_maps, [sm_image, sm_scales], sm_outputs, api_name="score_maps")
-        sm_class.input(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_name="score_map_of_class")
+        gr.on([sm_image.change, sm_scales.input], score_maps, [sm_image, sm_scales], sm_outputs, api_name="score_maps",
+              **sm_heavy)
+        sm_class.submit(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_name="score_map_of_class",
+                        **sm_heavy)
 
         gr.on([fm_image.change, fm_layer.input, fm_count.release], feature_maps, [fm_image, fm_layer, fm_count],
-              [fm_grid, fm_info], api_name="feature_maps")
+              [fm_grid, fm_info], api_name="feature_maps", **fm_heavy)
 
         # The first tab fills on page load; the heavier tabs when first opened (then from the cache).
-        app.load(receptive_field, rf_inputs, rf_outputs, api_visibility="private")
+        app.load(receptive_field, rf_inputs, rf_outputs, api_visibility="private", **rf_heavy)
         app.load(compare_stacks, st_inputs, [st_costs, st_drawing], api_visibility="private")
-        score_tab.select(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_visibility="private")
-        feature_tab.select(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private")
+        score_tab.select(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_visibility="private", **sm_heavy)
+        feature_tab.select(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private",
+                           **fm_heavy)
     return app
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 65535, not {text!r}")
+    return port
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the app cannot listen on host:port (in use, unknown host), or None when it can."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is in use (another app?); pass a free one with --port, "
+                        f"e.g. --port {port + 1 if port < 65535 else 7861}")
+            return f"cannot listen on {host}:{port} ({error.strerror or error}); check --host and --port"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -230,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "python app.py --model vgg19 --weights none")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                         "machine only; 0.0.0.0 exposes the app to your network)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port, 1 to 65535 (default 7860)")
     parser.add_argument("--model", default="vgg16", help="model name: A..E, vgg11, vgg13, vgg16, vgg19, ... "
                         "(default vgg16)")
     parser.add_argument("--weights", default="imagenet",
@@ -244,11 +305,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Queue and serve ``app``: each callback one request at a time, no share link, uploads capped.
+    """Queue and serve ``app``: each view one request at a time, at most ``MAX_QUEUE`` waiting, no share link,
+    uploads capped.
 
     ``block=False`` returns once the server runs (tests; stop it with ``app.close()``).
     """
-    app.queue(default_concurrency_limit=1)
+    app.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE,
                       ssr_mode=False, css=CSS, footer_links=["api", "settings"], prevent_thread_lock=not block,
                       quiet=not block)
@@ -256,13 +318,23 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = port_problem(args.host, args.port)  # before the model loads: say it at once
+    if problem is not None:
+        return fail(problem)
     try:
         app = build_app(args.model, args.weights, args.width)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"app.py: error: {error}", file=sys.stderr)
-        return 2
-    serve(app, args.host, args.port)
+        return fail(str(error))
+    try:
+        serve(app, args.host, args.port)
+    except OSError:  # taken meanwhile: Gradio's own message names an environment variable, not --port
+        return fail(port_problem(args.host, args.port) or f"cannot listen on {args.host}:{args.port}")
     return 0
+
+
+def fail(message: str) -> int:
+    print(f"app.py: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

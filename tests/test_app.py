@@ -1,6 +1,7 @@
 """app.py: every callback called as a function, then the served app called endpoint by endpoint."""
 
 import os
+import socket
 
 import gradio as gr
 import httpx
@@ -71,11 +72,16 @@ def test_stack_callbacks(callbacks):
 
 
 def test_score_and_feature_callbacks(callbacks):
-    top5, overlay, sizes, class_index = callbacks["score_maps"](CAT, [224, 256])
-    assert len(top5) == 5 and class_index == top5["index"].iloc[0] and isinstance(overlay, Figure)
-    assert sizes["class score map (w x h)"].tolist() == ["4 x 1", "6 x 2"]
-    _, _, _, chosen = callbacks["score_maps"](CAT, [224], 281)
-    assert chosen == 281
+    top5, overlay, sizes, label = callbacks["score_maps"](CAT, ["224", "256"])
+    assert len(top5) == 5 and label == f"{top5['index'].iloc[0]}: {top5['class'].iloc[0]}"
+    assert isinstance(overlay, Figure) and sizes["class score map (w x h)"].tolist() == ["4 x 1", "6 x 2"]
+    for asked in ("281", "281: tabby", "Tabby", 281):  # an index, the label shown, a name
+        assert callbacks["score_maps"](CAT, ["224"], asked)[-1] == "281: tabby"
+    assert callbacks["score_maps"](CAT, ["224"], "tiger")[-1] == "292: tiger"  # a whole name beats 'tiger cat'
+    with pytest.raises(gr.Error, match=r"'terrier' matches 19 classes \(158: toy terrier, .*give its index"):
+        callbacks["score_maps"](CAT, ["224"], "terrier")
+    with pytest.raises(gr.Error, match="No class is named 'zebrafish'"):
+        callbacks["score_maps"](CAT, ["224"], "zebrafish")
     grid, info = callbacks["feature_maps"](COFFEE, "pool4", 8)
     assert isinstance(grid, Figure) and dict(info.values.tolist())["output shape (C x H x W)"] == "32 x 14 x 14"
 
@@ -87,6 +93,20 @@ def test_bad_files_get_a_message_naming_them(callbacks, bomb, tmp_path):
     text.write_text("not a picture")
     with pytest.raises(gr.Error, match="notes.jpg.*not an image"):
         callbacks["score_maps"](str(text), [256])
+
+
+def test_a_taken_port_or_an_impossible_one_is_one_line_naming_port(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app_module.main(["--weights", "none", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err and "--port" in err
+    for bad in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            app_module.parse_args(["--port", bad])
+        assert exit_.value.code == 2 and "--port: must be a whole number from 1 to 65535" in capsys.readouterr().err
 
 
 def test_a_bad_model_name_is_an_error_not_a_traceback(capsys):
@@ -107,7 +127,13 @@ def test_served_app_every_endpoint(blocks, bomb, tmp_path):
     with served(blocks) as url:
         assert blocks.server_name == "127.0.0.1" and blocks.share_url is None
         client = Client(url, verbose=False)
-        assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ENDPOINTS
+        api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert set(api) == ENDPOINTS
+        description = client.view_api(print_info=False, return_format="str")
+        assert len(description) < 10_000 and "value_" not in description  # no 1000-item lists, every output named
+        class_input = api["/score_map_of_class"]["parameters"][2]
+        assert class_input["parameter_name"] == "class_name" and class_input["type"]["type"] == "string"
+        assert [r["label"] for r in api["/receptive_field"]["returns"]][2] == "Unit summary"
         cat = handle_file(CAT)
 
         picture, effective, summary, x, y = client.predict(cat, "D", "conv4_3", api_name="/receptive_field")
@@ -125,11 +151,13 @@ def test_served_app_every_endpoint(blocks, bomb, tmp_path):
         measured = client.predict(4, 3, 16, api_name="/measure_stacks")
         assert [row[2] for row in measured["data"]] == [7, 7]
 
-        top5, overlay, sizes, class_index = client.predict(cat, [224, 256], api_name="/score_maps")
-        assert len(top5["data"]) == 5 and class_index == top5["data"][0][2] and overlay["type"] == "matplotlib"
+        top5, overlay, sizes, label = client.predict(cat, ["224", "256"], api_name="/score_maps")
+        assert len(top5["data"]) == 5 and label.startswith(f"{top5['data'][0][2]}: ") and overlay["type"] == "matplotlib"
         assert sizes["data"] == [[224, "336 x 224", "4 x 1"], [256, "384 x 256", "6 x 2"]]
-        _, _, _, class_index = client.predict(cat, [224], 7, api_name="/score_map_of_class")
-        assert class_index == 7
+        _, _, _, label = client.predict(cat, ["224"], "281", api_name="/score_map_of_class")  # as advertised
+        assert label == "281: tabby"
+        with pytest.raises(Exception, match="Class 1000 is out of range: give an index from 0 to 999"):
+            client.predict(cat, ["224"], "1000", api_name="/score_map_of_class")
 
         grid, info = client.predict(cat, "pool1", 4, api_name="/feature_maps")
         assert grid["type"] == "matplotlib" and ["output shape (C x H x W)", "4 x 112 x 112"] in info["data"]

@@ -200,3 +200,48 @@ def test_bad_images_are_refused_with_the_file_name(tmp_path):
         demo.open_image(text)
     with pytest.raises(ValueError, match="No image"):
         demo.open_image(None)
+
+
+def test_the_dense_views_refuse_an_image_too_long_once_rescaled(network):
+    demo.check_rescaled_size((451, 300), (224, 512))  # an ordinary photograph: 770 x 512 fits
+    with pytest.raises(ValueError, match=r"1000 x 250 image rescaled to Q = 512 is 2048 x 512 = 1,048,576 "
+                                         r"pixels, above the limit of 1,000,000 .*pick test scales up to Q = 500"):
+        demo.check_rescaled_size((1000, 250), (256, 512))
+    # 20,000 pixels in the file, 250 million after rescaling: refused before any allocation.
+    with pytest.raises(ValueError, match=r"2 x 10000 image rescaled to Q = 224 is 224 x 1120000.*crop it to an "
+                                         r"aspect ratio of at most 1:19"):
+        network.score_maps_view(Image.new("RGB", (2, 10000)), [224])
+
+
+def test_crop_views_take_the_centre_square_of_any_shape(network):
+    wide = Image.new("RGB", (10000, 2), (200, 40, 40))
+    assert demo.square_crop(wide).size == (224, 224)
+    assert dict(network.feature_maps_view(wide, "pool1", 4).info.values.tolist())["input"] == "224 x 224 centre crop"
+    # The same window as rescale-then-crop: equal pixels when the rescale is exact (600 x 400 -> 336 x 224).
+    coffee = Image.open(EXAMPLES / "coffee.jpg").convert("RGB")
+    from torchvision.transforms import functional as TF
+
+    reference = TF.center_crop(demo.rescale_shortest(coffee, 224), 224)
+    assert np.array_equal(np.asarray(demo.square_crop(coffee)), np.asarray(reference))
+
+
+def test_a_view_over_its_time_budget_answers_with_a_message(network, monkeypatch):
+    monkeypatch.setattr(network, "time_budget", 0.0)
+    with pytest.raises(TimeoutError, match="class score maps took longer than its budget of 0 s"):
+        network.score_maps_view(CAT, [256, 384])
+
+
+def test_classes_by_index_label_or_name(network):
+    assert [network.parse_class(c) for c in (None, " ", 7, 7.0, "7", "281: tabby", "TABBY", "Egyptian")] == \
+        [None, None, 7, 7, 7, 281, 281, 285]
+    with pytest.raises(ValueError, match="Class -1 is out of range: give an index from 0 to 999"):
+        network.parse_class("-1")
+
+
+def test_failures_are_described_in_one_line_without_server_paths():
+    assert demo.describe_error(ImageError("/tmp/gradio/0a1b/notes.jpg", "not an image")) == "notes.jpg: not an image"
+    assert "Not enough memory" in demo.describe_error(MemoryError())
+    assert "Not enough memory" in demo.describe_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't "
+                                                                   "allocate memory: you tried to allocate 9 GB"))
+    message = demo.describe_error(KeyError("boom"))
+    assert message.startswith("This view failed (KeyError: 'boom')") and "\n" not in message

@@ -16,7 +16,9 @@ import hashlib
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,7 @@ from torchvision.transforms import functional as TF
 
 from .backbone import VGGBackbone
 from .configs import CONFIG_BLOCKS, DEPTHS, PAPER_CONFIGS, PAPER_PARAMETERS, layer_names, resolve
-from .data import load_image, rescale_shortest, rescaled_size
+from .data import ImageError, load_image, rescale_shortest, rescaled_size
 from .model import POOL5_GRID, VGG
 from .plots import (plot_feature_grid, plot_heatmap_overlay, plot_parameter_split, plot_receptive_field_growth,
                     plot_stack_receptive_fields)
@@ -41,6 +43,11 @@ CROP = 224  # the receptive-field and feature-map views work on the paper's 224 
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
 MAX_PIXELS = 40_000_000  # uploads above this many pixels are refused (decompression bombs; pointless here)
 MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
+# The dense views allocate per rescaled pixel (vgg16's conv1 maps: 2 flips x 64 channels x 4 bytes = 512 B each),
+# so the limit is on the image after rescaling to Q, not on the file: 1 MP keeps a full-width pass near 1 GB
+# and allows 512 x 1953 (an aspect ratio of 3.8 at Q = 512, 15 at Q = 256).
+MAX_RESCALED_PIXELS = 1_000_000
+TIME_BUDGET_S = 120.0  # a view still computing after this long answers with a message instead of going on
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 RELEASES = ("imagenet", "timm", "caffe")
 TOP_K = 5
@@ -59,6 +66,24 @@ def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> I
         raise ValueError("No image: pick an example or upload a photograph.")
     image = load_image(source, max_pixels=MAX_PIXELS)
     return rescale_shortest(image, MAX_SHORT_SIDE) if min(image.size) > MAX_SHORT_SIDE else image
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the app's user about a failed view: vggkit's own message, never a traceback.
+
+    An image error names the file by its own name (an upload's server-side folder means nothing
+    to the user); memory and unexpected errors say what to change and that the app goes on serving.
+    """
+    if isinstance(error, ImageError):
+        return f"{Path(error.path).name}: {error.reason}"
+    if isinstance(error, (ValueError, TimeoutError)):
+        return str(error)
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if isinstance(error, MemoryError) or "can't allocate" in first_line or "out of memory" in first_line:
+        return ("Not enough memory for this view on this machine; pick fewer or smaller test scales, or a "
+                "smaller image. The app goes on serving.")
+    return (f"This view failed ({type(error).__name__}: {first_line}); the app goes on serving: try another "
+            f"image or setting.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,8 +110,51 @@ class ImageKey:
 
 
 def square_crop(image: Image.Image, size: int = CROP) -> Image.Image:
-    """Shortest side rescaled to ``size``, then the centre ``size`` x ``size`` crop."""
-    return TF.center_crop(rescale_shortest(image, size), size)
+    """The centre square of the image resampled to ``size`` x ``size``.
+
+    The same window as rescale-then-crop, but only the window is resampled, so a 10000 x 2
+    image costs a 224 x 224 picture, not a 1,120,000 x 224 one.
+    """
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def check_rescaled_size(size: tuple[int, int], scales: tuple[int, ...],
+                        max_pixels: int = MAX_RESCALED_PIXELS) -> None:
+    """Refuse, before anything is allocated, an image (W, H) whose rescale to the largest Q exceeds ``max_pixels``.
+
+    A ``ValueError`` names the rescaled size, the limit, and the largest Q that fits (if any).
+    """
+    width, height = size
+    scale = max(scales)
+    new_width, new_height = rescaled_size(width, height, scale)
+    if new_width * new_height <= max_pixels:
+        return
+    short, long = min(width, height), max(width, height)
+    largest = math.isqrt(max_pixels * short // long)  # the Q whose rescaled image just fits, within rounding
+    while largest >= CROP and math.prod(rescaled_size(width, height, largest)) > max_pixels:
+        largest -= 1
+    advice = (f"pick test scales up to Q = {largest}" if largest >= CROP else
+              f"crop it to an aspect ratio of at most 1:{max_pixels // CROP ** 2} (the limit at Q = {CROP})")
+    raise ValueError(f"A {width} x {height} image rescaled to Q = {scale} is {new_width} x {new_height} = "
+                     f"{new_width * new_height:,} pixels, above the limit of {max_pixels:,} pixels for dense "
+                     f"evaluation; {advice}.")
+
+
+class Deadline:
+    """A time budget for one request, checked between the stages of a view."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds, self.what = seconds, what
+        self.end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        """A ``TimeoutError`` with a message once the budget is spent."""
+        if time.monotonic() >= self.end:
+            raise TimeoutError(f"{self.what} took longer than its budget of {self.seconds:g} s and was stopped; "
+                               f"pick fewer or smaller test scales, or a smaller image.")
 
 
 def draw_unit(picture: Image.Image, box: tuple[int, int, int, int], scale: int = DISPLAY_SCALE) -> Image.Image:
@@ -319,8 +387,9 @@ class DemoModel:
         self._receptive_field_view = functools.lru_cache(cache_size)(self._compute_receptive_field_view)
         self._activations = functools.lru_cache(2)(self._compute_activations)
         self._feature_maps_view = functools.lru_cache(cache_size)(self._compute_feature_maps_view)
-        # One dense pass per (image, scales) gives both the top 5 and every class's heatmap.
-        self._score_maps = functools.lru_cache(cache_size)(self._compute_score_maps)
+        # One dense pass per (image, Q) gives both the top 5 and every class's heatmap, for any set of scales.
+        self._score_map = functools.lru_cache(4 * cache_size)(self._compute_score_map)
+        self.time_budget = TIME_BUDGET_S
         self._network = functools.lru_cache(1)(self._random_network)
 
     @property
@@ -335,9 +404,39 @@ class DemoModel:
     def layers(self) -> list[str]:
         return spatial_layers(self.name)
 
-    def class_choices(self) -> list[tuple[str, int]]:
-        """(label, index) for every class, for a class picker."""
-        return [(f"{i}: {name}", i) for i, name in enumerate(self.class_names)]
+    def class_label(self, index: int) -> str:
+        """``"281: tabby"``: what a class picker shows, and what ``parse_class`` reads back."""
+        return f"{index}: {self.class_names[index]}"
+
+    def parse_class(self, text: str | int | float | None) -> int | None:
+        """A class given as an index (``281``, ``"281"``), a label (``"281: tabby"``) or a name (``"tabby"``).
+
+        Blank means None (the top prediction). A name matches case-insensitively, whole or as the only
+        class containing it; anything else is a ``ValueError`` saying what is accepted.
+        """
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        if isinstance(text, float) and text.is_integer():
+            text = int(text)
+        text = str(text).strip()
+        head = text.split(":", 1)[0].strip()
+        if head.lstrip("-").isdigit():
+            index = int(head)
+            if not 0 <= index < len(self.class_names):
+                raise ValueError(f"Class {index} is out of range: give an index from 0 to "
+                                 f"{len(self.class_names) - 1}, or a class name.")
+            return index
+        wanted = text.lower()
+        exact = [i for i, name in enumerate(self.class_names) if name.lower() == wanted]
+        partial = exact or [i for i, name in enumerate(self.class_names) if wanted in name.lower()]
+        if len(partial) == 1:
+            return partial[0]
+        if partial:
+            shown = ", ".join(self.class_label(i) for i in partial[:5])
+            raise ValueError(f"Class {text!r} matches {len(partial)} classes ({shown}{', ...' if len(partial) > 5 else ''}); "
+                             f"give its index or its full name.")
+        raise ValueError(f"No class is named {text!r}: give an index from 0 to {len(self.class_names) - 1} "
+                         f"or a class name (e.g. {self.class_names[0]!r}).")
 
     def weights_table(self) -> pd.DataFrame:
         """The loaded weights: source, published accuracy, preprocessing, parameters."""
@@ -449,22 +548,31 @@ class DemoModel:
                 self._fast_model = optimize(self.model)
         return self._fast_model
 
-    def _compute_score_maps(self, key: ImageKey, scales: tuple[int, ...]) -> list[torch.Tensor]:
-        return dense_score_maps(self.fast_model(), key.image, scales=scales, flip=True)
+    def _compute_score_map(self, key: ImageKey, scale: int) -> torch.Tensor:
+        return dense_score_maps(self.fast_model(), key.image, scales=scale, flip=True)[0]
 
-    def score_maps_view(self, image, scales, class_index: int | None = None) -> ScoreMapsView:
-        """Dense evaluation over ``scales`` and flips: the top 5, and ``class_index``'s map (default: the top class)."""
+    def score_maps_view(self, image, scales, class_index: int | str | None = None) -> ScoreMapsView:
+        """Dense evaluation over ``scales`` and flips: the top 5, and one class's map (default: the top class).
+
+        ``class_index`` is an index or a class name (see ``parse_class``). An image whose rescale to the
+        largest Q exceeds ``MAX_RESCALED_PIXELS`` is refused before any pass; a view still computing after
+        ``time_budget`` seconds stops between scales with a ``TimeoutError``.
+        """
         scales = tuple(sorted(set(check_scales([int(q) for q in scales] if not isinstance(scales, int) else scales))))
+        class_index = self.parse_class(class_index)
         key = ImageKey.open(image)
-        maps = self._score_maps(key, scales)
+        check_rescaled_size(key.image.size, scales)
+        deadline = Deadline(self.time_budget, "The class score maps")
+        maps = []
+        for scale in scales:
+            deadline.check()
+            maps.append(self._score_map(key, scale))
         probabilities = dense_probabilities_from_maps(maps)
         top = probabilities.topk(min(TOP_K, len(probabilities)))
         top5 = pd.DataFrame([{"rank": rank, "class": self.class_names[i], "index": int(i), "probability": round(float(p), 4)}
                              for rank, (p, i) in enumerate(zip(top.values, top.indices), start=1)])
         if class_index is None:
             class_index = int(top.indices[0])
-        if not 0 <= class_index < len(self.class_names):
-            raise ValueError(f"Class {class_index} is out of range: this model has {len(self.class_names)} classes.")
         heat = heatmap_from_maps(maps, class_index, (key.image.height, key.image.width))
         title = (f"{self.class_names[class_index]} (class {class_index}), p = {float(probabilities[class_index]):.3f}"
                  f"{'' if self.trained else ', UNTRAINED weights'}")
