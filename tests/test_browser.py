@@ -97,7 +97,18 @@ def test_every_tab_in_chromium(offline_app, tmp_path):
             expect(visible(page, "#sm-sizes")).to_contain_text("576 x 384")  # coffee is 600 x 400, the cat 451 x 300
             expect(visible(page, "#sm-top5")).to_contain_text("probability")
             expect(visible(page, "#sm-overlay img")).to_be_visible()
+            # A class by name: the box shows it back as "index: name".
+            visible(page, "#sm-class textarea").fill("tabby")
+            visible(page, "#sm-class textarea").press("Enter")
+            expect(visible(page, "#sm-class textarea")).to_have_value("281: tabby")
             screenshot("class_score_maps")
+            # A text file named .jpg: vggkit's own message on the page, and the tab goes on working.
+            notes = tmp_path / "notes.jpg"
+            notes.write_text("a shopping list, not a picture")
+            page.locator("#sm-image input[type=file]").set_input_files(str(notes))
+            expect(page.get_by_test_id("toast-text").filter(has_text="notes.jpg: not an image PIL can read").first).to_be_visible()
+            page.locator("#sm-image input[type=file]").set_input_files(str(EXAMPLES / "chelsea.jpg"))
+            expect(visible(page, "#sm-sizes")).to_contain_text("577 x 384")  # the cat again, after the refusal
 
             # Feature maps: pick a layer.
             page.get_by_role("tab", name="Feature maps").click()
