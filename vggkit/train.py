@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -39,6 +37,7 @@ from .paths import writable_folder
 from .recipe import Recipe, apply_overrides
 from .runtime import choose_runtime
 from .train_data import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
+from .train_step import TrainStep
 from .weights import create_model, load_weights, save_checkpoint
 
 # Section 3.1: the deeper nets take net A's first four conv layers and its three FC layers.
@@ -363,31 +362,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     raw_model = build_model(recipe, load_init=state is None)
     raw_model.class_names = train_scan.classes
     raw_model.to(dist.device, memory_format=torch.channels_last if recipe.run.channels_last else torch.preserve_format)
-    # One fused kernel for the whole update on CUDA (one launch instead of ~3 per parameter).
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
-                                weight_decay=recipe.optim.weight_decay, fused=True if use_cuda else None)
+    train_step = TrainStep(raw_model, recipe, runtime, dist.enabled, accumulation)
+    model, optimizer, scaler, autocast = train_step.model, train_step.optimizer, train_step.scaler, train_step.autocast
     schedule = recipe.schedule
     scheduler = plateau_scheduler(optimizer, recipe)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True  # every batch has the same shape (fixed crops): tune once
-    model = ddp = raw_model
-    if dist.enabled:
-        # fc6's gradient (25088 x 4096, 411 MB in float32) is one tensor, and DDP never splits a tensor
-        # across buckets: it is all-reduced alone whatever the cap, and it is among the first gradients
-        # backward produces, so its transfer overlaps the conv layers' backward. The conv gradients
-        # (59 MB for D) then form a few 25 MB buckets (the default), each launched as soon as it fills.
-        # Gradients as views of the buckets spare a 550 MB copy of fc6-fc8's gradients every step.
-        ddp = model = DistributedDataParallel(raw_model, device_ids=[dist.device.index] if use_cuda else None,
-                                              bucket_cap_mb=25, gradient_as_bucket_view=True)
-    if runtime.compile:
-        # Compiled around DDP: dynamo splits the graph at the buckets, so all-reduces still overlap backward.
-        model = torch.compile(model)
-
-    def autocast():
-        if runtime.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(dist.device.type, dtype=runtime.dtype)
 
     # ---- resume: weights, optimizer, schedule, position in the epoch, every RNG
     start_epoch, start_step, global_step, history, best_error, epoch_loss = 0, 0, 0, [], math.inf, 0.0
@@ -445,6 +423,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
         step_losses.extend(values)
         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.0e}")
 
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = gpu_augment(*next(batches)) if gpu_augment else next(batches)
+        return to_device(images, dist.device, recipe.run.channels_last), labels.to(dist.device, non_blocking=True)
+
     for epoch in range(start_epoch, schedule.epochs):
         if schedule.max_steps and global_step >= schedule.max_steps:
             break
@@ -461,26 +443,7 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
                    disable=not (dist.is_main and progress), leave=False, dynamic_ncols=True)
         stopped = False
         for step in range(start_step, steps_per_epoch):
-            step_loss = torch.zeros((), device=dist.device)
-            for micro in range(accumulation):
-                if gpu_augment:
-                    images, labels = gpu_augment(*next(batches))
-                else:
-                    images, labels = next(batches)
-                images = to_device(images, dist.device, recipe.run.channels_last)
-                labels = labels.to(dist.device, non_blocking=True)
-                # DDP all-reduces gradients on the last micro-batch only.
-                sync = nullcontext() if micro == accumulation - 1 or not dist.enabled else ddp.no_sync()
-                with sync:
-                    with autocast():
-                        loss = F.cross_entropy(model(images).float(), labels) / accumulation
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if dist.enabled:
-                torch_dist.all_reduce(step_loss, op=torch_dist.ReduceOp.AVG)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(next_batch)
             loss_sum += step_loss
             pending.append(step_loss)
             global_step, steps_this_run = global_step + 1, steps_this_run + 1
