@@ -12,7 +12,7 @@ def test_train_rows_run_every_path_on_the_cpu():
     messages = []
     rows = train_rows(Settings.quick(), "cpu", messages.append)
     tasks = [r.task for r in rows]
-    assert tasks.count("(f) training step of A, data on the device") == 2
+    assert tasks.count("(f) training step of A, data on the device") == 2  # no compiled rows in quick settings
     assert tasks.count("(f) training step of D, data on the device") == 2
     assert [r.how for r in rows if r.task.startswith("(g)")] == [
         "vggkit train --recipe D-256, 0 CPU decode workers", "vggkit train --recipe D-256, --gpu-decode"]
@@ -35,3 +35,12 @@ def test_generated_folder_holds_jpegs_of_the_asked_size(tmp_path):
 
     with Image.open(train[0]) as image:
         assert image.format == "JPEG" and image.size == sizes.image_size
+
+
+def test_train_rows_take_the_device_bench_settings():
+    from vggkit.bench_gpu import DeviceSettings
+
+    sizes = TrainSizes.for_device(DeviceSettings.tiny(), torch.device("cpu"))
+    assert sizes.batch == 2 and sizes.width == 1 / 16
+    full = TrainSizes.for_device(DeviceSettings(), torch.device("cuda"))
+    assert (full.batch, full.steps, full.crop, full.image_size, full.images) == (256, 20, 224, (500, 375), 2048)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .bench import Row, Settings, _finish, gflops, matmul_peak, race
+from .bench import Row, _finish, gflops, race
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,25 @@ class TrainSizes:
     workers: int
     note: str
 
+    images: int = 0  # generated training JPEGs (at least batch x (steps + 2))
+
     @classmethod
-    def for_device(cls, settings: Settings, device: torch.device) -> "TrainSizes":
+    def for_device(cls, settings, device: torch.device) -> "TrainSizes":
+        """``settings``: ``bench.Settings`` or ``bench_gpu.DeviceSettings`` (``batch``, ``train_steps``,
+        ``train_images`` where given)."""
         if device.type == "cuda":
-            return cls(batch=256, steps=20, width=1.0, crop=224, scale=(256, 256), image_size=(500, 375),
-                       classes=100, workers=max(1, (os.cpu_count() or 2) - 1), note="")
+            return cls(batch=settings.batch, steps=getattr(settings, "train_steps", 20), width=1.0, crop=224,
+                       scale=(256, 256), image_size=(500, 375), classes=100,
+                       workers=max(1, (os.cpu_count() or 2) - 1), note="", images=getattr(settings, "train_images", 0))
         return cls(batch=settings.batch, steps=2, width=1 / 16, crop=32, scale=(36, 48), image_size=(64, 48),
                    classes=4, workers=0, note="CPU small form: width 1/16, 32 px crops of 64x48 JPEGs")
 
 
-def train_rows(settings: Settings, device: torch.device | str, log: Callable[[str], None]) -> list[Row]:
-    """Rows (f), (g) and (h) on ``device``, with their ratios and fractions of the matmul peak filled in."""
+def train_rows(settings, device: torch.device | str, log: Callable[[str], None]) -> list[Row]:
+    """Rows (f), (g) and (h) on ``device``, with their ratios and fractions of the matmul peak filled in.
+
+    ``settings``: ``bench.Settings`` or ``bench_gpu.DeviceSettings``; compiled rows run where
+    ``settings.compile`` (or ``slow_rows``) is true."""
     from .runtime import choose_runtime
 
     device = torch.device(device)
@@ -66,37 +74,26 @@ def train_rows(settings: Settings, device: torch.device | str, log: Callable[[st
         data = make_jpeg_folder(Path(folder) / "data", sizes)
         rows += end_to_end_rows(data, Path(folder), sizes, device, log)
         rows += pipeline_rows(data, sizes, device, settings, log)
-    peaks = {"fp32": peak_gflops(torch.float32, device), dtype: peak_gflops(getattr(torch, _DTYPE[dtype]), device)}
+    from .bench_gpu import device_matmul_peak
+
+    peaks = {"fp32": device_matmul_peak(device, torch.float32), dtype: device_matmul_peak(device, _DTYPES[dtype])}
     return _finish(rows, peaks)
 
 
 RECIPES = {"A": "A", "D": "D-256"}  # the model's S=256 recipe
-_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def peak_gflops(dtype: torch.dtype, device: torch.device) -> float:
-    """The matmul peak in GFLOP/s: ``bench.matmul_peak`` on CPUs, the best of 8192^2 matmuls on a GPU."""
-    if device.type != "cuda":
-        return matmul_peak(dtype)
-    a, b = torch.randn(8192, 8192, device=device, dtype=dtype), torch.randn(8192, 8192, device=device, dtype=dtype)
-
-    def run():
-        for _ in range(10):
-            a @ b
-        torch.cuda.synchronize(device)
-
-    return 10 * 2 * 8192**3 / race({"mm": run}, 3)["mm"] / 1e9
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from .bench_gpu import synchronizer
+
+    synchronizer(device)()
 
 
 # --------------------------------------------------------------------------- (f) the training step
 
 
-def step_rows(name: str, sizes: TrainSizes, device: torch.device, settings: Settings, log) -> list[Row]:
+def step_rows(name: str, sizes: TrainSizes, device: torch.device, settings, log) -> list[Row]:
     """Images/s of ``steps`` optimizer steps on one batch already on the device."""
     from .model import VGG
     from .recipe import Recipe
@@ -111,8 +108,9 @@ def step_rows(name: str, sizes: TrainSizes, device: torch.device, settings: Sett
     y = torch.randint(0, sizes.classes, (n,), device=device)
     recipe = Recipe.load(RECIPES[name], [f"model.num_classes={sizes.classes}", f"model.width={sizes.width}"])
     # vggkit's step as a long run on this device builds it (compile="auto" for the paper's 74 epochs).
-    runtime = choose_runtime("auto", device, compile=compile_step(recipe, device, steps_per_epoch=5004))
-    compiled_plain = device.type == "cuda" or settings.slow_rows
+    compiled = getattr(settings, "compile", getattr(settings, "slow_rows", False))
+    runtime = choose_runtime("auto", device, compile=compiled and compile_step(recipe, device, steps_per_epoch=5004))
+    compiled_plain = compiled
     dtype = runtime.dtype
 
     def model():
@@ -175,7 +173,7 @@ def make_jpeg_folder(root: Path, sizes: TrainSizes) -> Path:
 
     sources = [np.asarray(Image.fromarray(np.asarray(p)).convert("RGB").resize(sizes.image_size))
                for p in (photos.chelsea(), photos.coffee(), photos.astronaut(), photos.rocket())]
-    per_class = max(2, sizes.batch * (sizes.steps + 2) // sizes.classes + 1)
+    per_class = max(2, max(sizes.images, sizes.batch * (sizes.steps + 2)) // sizes.classes + 1)
     rng = np.random.default_rng(0)
     for split, count in (("train", per_class), ("val", 2)):
         for label in range(sizes.classes):
@@ -221,7 +219,7 @@ def _precision(device: torch.device) -> str:
 # --------------------------------------------------------------------------- (h) the input pipelines alone
 
 
-def pipeline_rows(data: Path, sizes: TrainSizes, device: torch.device, settings: Settings, log) -> list[Row]:
+def pipeline_rows(data: Path, sizes: TrainSizes, device: torch.device, settings, log) -> list[Row]:
     """Images/s of each input pipeline with ``sizes.workers`` loader workers, over ``2 * steps`` batches."""
     import torchvision.transforms as T
     from torch.utils.data import DataLoader
