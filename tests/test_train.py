@@ -82,7 +82,25 @@ def test_run_killed_mid_epoch_resumes_bit_exact(imagenet, tmp_path):
     a, b = weights_of(tmp_path / "whole" / "last.pt"), weights_of(tmp_path / "split" / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    assert stopped.step_losses + resumed.step_losses == whole.step_losses and len(whole.step_losses) == 6
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sync_free_steps_give_the_same_losses_and_weights(imagenet, tmp_path, capsys):
+    # loss_every=1 reads the loss back after every step (a host synchronisation each); 4 lets the
+    # device run ahead. The arithmetic must not change: bit-identical losses and weights.
+    overrides = TINY + ["run.max_batch_per_gpu=4"]
+    synced = train("A", imagenet, tmp_path / "synced", overrides=overrides + ["run.loss_every=1"], progress=False)
+    free = train("A", imagenet, tmp_path / "free", overrides=overrides + ["run.loss_every=4"], progress=False)
+    assert len(free.step_losses) == 6 and free.step_losses == synced.step_losses
+    assert all(np.isfinite(free.step_losses))
+    a, b = weights_of(tmp_path / "synced" / "last.pt"), weights_of(tmp_path / "free" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 3 steps per epoch: the first is warm-up, timed apart; images/s counts the other two.
+    for row in free.history:
+        assert row["warmup_steps"] == 1 and 0 < row["warmup_seconds"] < row["seconds"]
+        assert row["images_per_s"] > 0 and row["images_per_s_with_warmup"] > 0
+    assert "images/s (steady; the first 1 steps took" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_equal_one_process(imagenet, tmp_path):
@@ -105,7 +123,9 @@ def test_torchrun_two_processes_equal_one_process(imagenet, tmp_path):
         assert ddp_row[key] == pytest.approx(single.history[0][key], abs=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(imagenet, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(imagenet, tmp_path, monkeypatch,
+                                                                   checkpoint_every):
     calls, cross_entropy = [], torch.nn.functional.cross_entropy
 
     def poisoned(logits, labels, **kwargs):
@@ -114,8 +134,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(imagenet, tmp_
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    overrides = TINY + [f"run.checkpoint_every={checkpoint_every}"]
+    if not checkpoint_every:  # read back at the epoch's end only: still before any checkpoint
+        with pytest.raises(NonFiniteLossError, match=r"Loss is nan at epoch 1, step 3.*No checkpoint was written"):
+            train("A", imagenet, tmp_path / "run", overrides=overrides, progress=False)
+        assert not (tmp_path / "run" / "last.pt").exists()
+        return
     with pytest.raises(NonFiniteLossError, match=r"Loss is nan at epoch 1, step 3.*last good checkpoint is .*last\.pt"):
-        train("A", imagenet, tmp_path / "run", overrides=TINY + ["run.checkpoint_every=1"], progress=False)
+        train("A", imagenet, tmp_path / "run", overrides=overrides, progress=False)
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
@@ -321,3 +347,19 @@ def test_recipes_initialise_from_their_predecessors(tmp_path):
     save_checkpoint(net_d, tmp_path / "d256.pt")
     net_d384 = build_model(Recipe.load("D-384", tiny + [f"init.weights='{tmp_path / 'd256.pt'}'"]))
     assert all(torch.equal(a, b) for a, b in zip(net_d384.state_dict().values(), net_d.state_dict().values()))
+
+
+def test_compile_auto_compiles_long_cuda_runs_only():
+    from vggkit.train import compile_step
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    paper = Recipe.load("D-256")  # 74 epochs of ImageNet: hours
+    assert paper.run.compile == "auto" and compile_step(paper, cuda, steps_per_epoch=5004)
+    assert not compile_step(paper, cpu, steps_per_epoch=5004)  # eager on CPUs
+    assert not compile_step(Recipe.load("D-256", ["schedule.max_steps=20"]), cuda, steps_per_epoch=5004)
+    assert compile_step(Recipe.load("D-256", ["run.compile=true"]), cpu, 1)
+    assert not compile_step(Recipe.load("D-256", ["run.compile=false"]), cuda, 5004)
+    with pytest.raises(ValueError, match=r"run\.compile: 'yes' is not true, false or \"auto\""):
+        Recipe.load("A", ["run.compile='yes'"])
+    with pytest.raises(ValueError, match=r"run\.loss_every: must be at least 1"):
+        Recipe.load("A", ["run.loss_every=0"])

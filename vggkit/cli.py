@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data.workers: DataLoader processes per GPU")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="run.precision")
     train.add_argument("--device", help="run.device, e.g. cpu (default: cuda:LOCAL_RANK where there is a GPU)")
-    train.add_argument("--compile", action="store_true", help="run.compile: torch.compile the model")
+    train.add_argument("--compile", action="store_true",
+                       help="run.compile=true: compile the training step (default 'auto': on CUDA, long runs)")
     train.add_argument("--gpu-decode", action="store_true", help="data.gpu_decode: decode JPEGs on the GPU")
     train.add_argument("--checkpoint-every", type=int, help="run.checkpoint_every: also checkpoint every N steps")
     train.add_argument("--max-steps", type=int, help="schedule.max_steps: end the run after N optimizer steps")

@@ -77,9 +77,10 @@ class RunSection:
     device: str = ""  #: "" picks cuda:LOCAL_RANK where there is a GPU, else cpu
     precision: str = "auto"  #: auto = bf16 autocast on GPUs with bf16, fp32 on this kind of CPU
     channels_last: bool = True
-    compile: bool = False  #: torch.compile the model
+    compile: bool | str = "auto"  #: torch.compile the training step; "auto": on CUDA, for runs of many steps
     max_batch_per_gpu: int = 0  #: largest micro-batch a device holds; gradients are accumulated beyond it
     checkpoint_every: int = 0  #: also checkpoint every N optimizer steps (0: at epoch ends only)
+    loss_every: int = 50  #: read the loss back (progress bar, NaN check) every N steps; the GPU never waits between
 
 
 @dataclass
@@ -154,6 +155,10 @@ class Recipe:
             fail("model.name", str(error).strip("'\""))
         if self.init.method not in INIT_METHODS:
             fail("init.method", f"{self.init.method!r} is not one of {INIT_METHODS}")
+        if self.run.compile not in (True, False, "auto"):
+            fail("run.compile", f"{self.run.compile!r} is not true, false or \"auto\"")
+        if self.run.loss_every < 1:
+            fail("run.loss_every", f"must be at least 1, got {self.run.loss_every}")
         if self.run.precision not in PRECISIONS:
             fail("run.precision", f"{self.run.precision!r} is not one of {PRECISIONS}")
         scale = self.data.scale

@@ -21,15 +21,13 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -39,12 +37,15 @@ from .paths import writable_folder
 from .recipe import Recipe, apply_overrides
 from .runtime import choose_runtime
 from .train_data import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
+from .train_step import TrainStep
 from .weights import create_model, load_weights, save_checkpoint
 
 # Section 3.1: the deeper nets take net A's first four conv layers and its three FC layers.
 PRE_INIT_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 LAST, BEST, METRICS, CURVES, RECIPE = "last.pt", "best.pt", "metrics.jsonl", "curves.png", "recipe.toml"
 CURVES_EVERY_S = 60  # redraw curves.png after an epoch at most this often, and at the end of a run
+WARMUP_STEPS = 10  # an epoch's first steps (compilation, cuDNN tuning, loader start) are timed apart
+LONG_RUN_IMAGES = 1_000_000  # compile="auto" compiles runs of at least this many images (minutes on a GPU)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +61,7 @@ class TrainResult:
     checkpoint: Path
     best: Path | None
     completed: bool
+    step_losses: list[float] = field(default_factory=list)  #: every optimizer step's loss in this call
 
 
 # --------------------------------------------------------------------------- pre-initialisation
@@ -326,13 +328,14 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
                          f"pass --set model.num_classes={len(train_scan.classes)} or fix the data.")
 
     dist = setup_distributed(recipe.run.device)
-    runtime = choose_runtime(recipe.run.precision, dist.device, compile=recipe.run.compile)
-    per_process, micro_batch, accumulation = split_batch(recipe.optim.batch_size, dist.world_size,
-                                                         recipe.run.max_batch_per_gpu)
     steps_per_epoch = len(train_scan.samples) // recipe.optim.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{train_scan.root} holds {len(train_scan.samples)} images, fewer than one batch of "
                          f"optim.batch_size={recipe.optim.batch_size}.")
+    runtime = choose_runtime(recipe.run.precision, dist.device, compile=compile_step(recipe, dist.device,
+                                                                                    steps_per_epoch))
+    per_process, micro_batch, accumulation = split_batch(recipe.optim.batch_size, dist.world_size,
+                                                         recipe.run.max_batch_per_gpu)
     if dist.is_main:
         (output / RECIPE).write_text(recipe.to_toml())
 
@@ -359,21 +362,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     raw_model = build_model(recipe, load_init=state is None)
     raw_model.class_names = train_scan.classes
     raw_model.to(dist.device, memory_format=torch.channels_last if recipe.run.channels_last else torch.preserve_format)
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=recipe.optim.lr, momentum=recipe.optim.momentum,
-                                weight_decay=recipe.optim.weight_decay)
+    train_step = TrainStep(raw_model, recipe, runtime, dist.enabled, accumulation)
+    model, optimizer, scaler, autocast = train_step.model, train_step.optimizer, train_step.scaler, train_step.autocast
     schedule = recipe.schedule
     scheduler = plateau_scheduler(optimizer, recipe)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
-    model = raw_model
-    if runtime.compile:
-        model = torch.compile(model)
-    if dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[dist.device.index] if use_cuda else None)
-
-    def autocast():
-        if runtime.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(dist.device.type, dtype=runtime.dtype)
 
     # ---- resume: weights, optimizer, schedule, position in the epoch, every RNG
     start_epoch, start_step, global_step, history, best_error, epoch_loss = 0, 0, 0, [], math.inf, 0.0
@@ -407,8 +399,34 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
               + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if state is not None else ""),
               file=sys.stderr)
 
-    # ---- the epoch loop
+    # ---- the epoch loop. Losses stay on the device; they are read back (the one host synchronisation
+    # of a step) every run.loss_every steps, before every checkpoint and at the end of an epoch, so a
+    # non-finite loss is always caught before a checkpoint could hold its update.
     steps_this_run, completed, curves_drawn_at, curves_stale = 0, True, time.monotonic(), False
+    step_losses: list[float] = []
+
+    def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar) -> None:
+        """Bring the ``pending`` step losses (the last of them step ``next_step``) to the host; stop on NaN/inf."""
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        pending.clear()
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                bar.close()
+                last = output / LAST
+                kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
+                raise NonFiniteLossError(
+                    f"Loss is {value} at epoch {epoch + 1}, step {next_step - len(values) + offset + 1}: training "
+                    f"stopped, and no checkpoint holds this or a later update. {kept} Lower optim.lr (now "
+                    f"{optimizer.param_groups[0]['lr']:g}) or check the data, then continue with --resume.")
+        step_losses.extend(values)
+        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.0e}")
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = gpu_augment(*next(batches)) if gpu_augment else next(batches)
+        return to_device(images, dist.device, recipe.run.channels_last), labels.to(dist.device, non_blocking=True)
+
     for epoch in range(start_epoch, schedule.epochs):
         if schedule.max_steps and global_step >= schedule.max_steps:
             break
@@ -416,45 +434,35 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
         batches = iter(train_loader)
         model.train()
         loss_sum = torch.tensor(epoch_loss, device=dist.device)  # summed step losses of this epoch so far
+        pending: list[torch.Tensor] = []  # step losses not yet read back
+        # The first steps of an epoch (compilation, cuDNN's tuning, filling the loader) are timed apart.
+        warmup_steps = min(WARMUP_STEPS, (steps_per_epoch - start_step) // 2)
         images_seen, started, step = 0, time.perf_counter(), start_step - 1
+        warm_at, warm_images = started, 0
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{schedule.epochs}",
                    disable=not (dist.is_main and progress), leave=False, dynamic_ncols=True)
         stopped = False
         for step in range(start_step, steps_per_epoch):
-            step_loss = torch.zeros((), device=dist.device)
-            for micro in range(accumulation):
-                if gpu_augment:
-                    images, labels = gpu_augment(*next(batches))
-                else:
-                    images, labels = next(batches)
-                images = to_device(images, dist.device, recipe.run.channels_last)
-                labels = labels.to(dist.device, non_blocking=True)
-                # DDP all-reduces gradients on the last micro-batch only.
-                sync = nullcontext() if micro == accumulation - 1 or not dist.enabled else model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = F.cross_entropy(model(images).float(), labels) / accumulation
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if dist.enabled:
-                torch_dist.all_reduce(step_loss, op=torch_dist.ReduceOp.AVG)
-            if not torch.isfinite(step_loss):
-                bar.close()
-                last = output / LAST
-                kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
-                raise NonFiniteLossError(
-                    f"Loss is {step_loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped before "
-                    f"this update. {kept} Lower optim.lr (now {optimizer.param_groups[0]['lr']:g}) or check "
-                    f"the data, then continue with --resume.")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(next_batch)
             loss_sum += step_loss
+            pending.append(step_loss)
             global_step, steps_this_run = global_step + 1, steps_this_run + 1
             images_seen += per_process * dist.world_size
             bar.update()
-            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.0e}")
+            if steps_this_run == 1 and runtime.compile:
+                read_back(pending, epoch, step + 1, bar)
+                if dist.is_main:
+                    tqdm.write(f"vggkit train: compiled the training step in {time.perf_counter() - started:.1f} s "
+                               f"(first step)", file=sys.stderr)
+            if step + 1 - start_step == warmup_steps:
+                read_back(pending, epoch, step + 1, bar)
+                warm_at, warm_images = time.perf_counter(), images_seen
+            if len(pending) >= recipe.run.loss_every:
+                read_back(pending, epoch, step + 1, bar)
             out_of_steps = schedule.max_steps and global_step >= schedule.max_steps
+            checkpoint = recipe.run.checkpoint_every and global_step % recipe.run.checkpoint_every == 0
+            if (stop_after_steps and steps_this_run >= stop_after_steps) or out_of_steps or checkpoint:
+                read_back(pending, epoch, step + 1, bar)
             if stop_after_steps and steps_this_run >= stop_after_steps and not out_of_steps:
                 save_state(epoch, step + 1, loss_sum.item())
                 stopped, completed = True, False
@@ -462,12 +470,14 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
             if out_of_steps:
                 stopped = True
                 break
-            if recipe.run.checkpoint_every and global_step % recipe.run.checkpoint_every == 0:
+            if checkpoint:
                 save_state(epoch, step + 1, loss_sum.item())
+        read_back(pending, epoch, step + 1, bar)
         bar.close()
         if not completed:
             break
-        seconds = time.perf_counter() - started
+        ended = time.perf_counter()
+        seconds = ended - started
 
         # ---- validation, the plateau schedule, logs, checkpoints
         metrics = validate(model, val_loader, dist, autocast, recipe.run.channels_last)
@@ -475,8 +485,11 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
         finished_epoch = step + 1 == steps_per_epoch
         if finished_epoch:
             scheduler.step(100 - metrics["val_top1_error"])
+        steady = (images_seen - warm_images) / (ended - warm_at) if images_seen > warm_images else 0.0
         row = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (step + 1), **metrics,
-               "lr": lr, "images_per_s": images_seen / seconds, "seconds": seconds}
+               "lr": lr, "images_per_s": steady or images_seen / seconds, "seconds": seconds,
+               "warmup_steps": warmup_steps, "warmup_seconds": warm_at - started,
+               "images_per_s_with_warmup": images_seen / seconds}
         row.update(target_gap(recipe, metrics))
         history.append(row)
         improved = metrics["val_top1_error"] < best_error
@@ -503,7 +516,18 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     if dist.enabled:
         torch_dist.barrier()
     return TrainResult(raw_model, history, output / LAST, output / BEST if (output / BEST).is_file() else None,
-                       completed)
+                       completed, step_losses)
+
+
+def compile_step(recipe: Recipe, device: torch.device, steps_per_epoch: int) -> bool:
+    """``run.compile``, with "auto" resolved: compile on CUDA when the run trains on at least
+    LONG_RUN_IMAGES images (compilation takes about a minute and pays back over minutes of steps)."""
+    if recipe.run.compile != "auto":
+        return bool(recipe.run.compile)
+    steps = steps_per_epoch * recipe.schedule.epochs
+    if recipe.schedule.max_steps:
+        steps = min(steps, recipe.schedule.max_steps)
+    return device.type == "cuda" and steps * recipe.optim.batch_size >= LONG_RUN_IMAGES
 
 
 def target_gap(recipe: Recipe, metrics: dict) -> dict:
@@ -518,6 +542,8 @@ def epoch_summary(recipe: Recipe, row: dict) -> str:
     line = (f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val top-1/top-5 error "
             f"{row['val_top1_error']:.2f}% / {row['val_top5_error']:.2f}%, lr {row['lr']:.0e}, "
             f"{row['images_per_s']:.1f} images/s")
+    if row.get("warmup_steps"):
+        line += f" (steady; the first {row['warmup_steps']} steps took {row['warmup_seconds']:.1f} s)"
     if "top1_gap" in row:
         line += (f"; paper {recipe.target.top1_error} / {recipe.target.top5_error} "
                  f"({row['top1_gap']:+.1f} / {row['top5_gap']:+.1f} pp)")

@@ -16,10 +16,10 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from .batch_augment import colour_shift, draw_crops, resample_crops
 from .data import PCA_EIGVAL, PCA_EIGVEC, ImageError, ImageListDataset, TrainTransform, load_image
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -163,33 +163,54 @@ def collate_encoded(batch):
 
 
 class GpuAugment:
-    """Decode a batch of JPEGs on ``device`` (nvJPEG on CUDA) and apply ``TrainTransform``'s
-    augmentation there: rescale to S, random crop, flip, PCA colour shift, normalise.
+    """Decode a batch of JPEGs on ``device`` (nvJPEG on CUDA, batched) and apply ``TrainTransform``'s
+    augmentation to the whole batch there: rescale to S, random crop, flip, PCA colour shift, normalise.
 
-    The random draws of each image come from a CPU generator seeded by its sample seed
-    (other draws than the CPU path's ``TrainTransform``: a run is reproducible on either path).
+    Every image's draws come from its sample seed (``batch_augment.draw_crops``): the same
+    distribution as the CPU path's ``TrainTransform``, other draws; a run is reproducible on
+    either path. The arithmetic is batched tensor work (``batch_augment.resample_crops``), so
+    CPU tensors take the same code path as CUDA ones.
     """
 
     def __init__(self, transform: TrainTransform, device: torch.device | str) -> None:
         self.transform, self.device = transform, torch.device(device)
+        # Made once: Preprocess.normalize builds them per call, a blocking host-to-device copy each time.
+        preprocess = transform.preprocess
+        self.mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1).to(self.device) / preprocess.pixel_scale
+        self.std = torch.tensor(preprocess.std).view(1, 3, 1, 1).to(self.device) / preprocess.pixel_scale
+        self.bgr = preprocess.channel_order == "BGR"
 
     def __call__(self, data: list[torch.Tensor], labels: torch.Tensor, seeds: torch.Tensor,
                  paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A collated batch -> ((N, 3, crop, crop) float32 images, (N,) labels) on the device.
+        """A collated batch -> ((N, 3, crop, crop) float32 normalised images, (N,) labels) on the device.
 
-        An image that fails to decode is replaced, with its label, by another of the batch.
+        An image that fails to decode is replaced, with its label and seed, by another of the batch.
         """
         images = self.decode(data, paths)
         good = [i for i, image in enumerate(images) if image is not None]
         if not good:
             raise RuntimeError(f"No image of a batch could be decoded: {paths}")
-        source = [i if images[i] is not None else good[i % len(good)] for i in range(len(images))]
-        crops = [self.augment(images[j], int(seeds[j])) for j in source]
-        return self.transform.preprocess.normalize(torch.stack(crops)), labels[source].to(self.device)
+        if len(good) < len(images):
+            source = [i if images[i] is not None else good[i % len(good)] for i in range(len(images))]
+            images, labels, seeds = [images[j] for j in source], labels[source], seeds[source]
+        rgb = self.augment(images, seeds)
+        x = rgb.flip(1) if self.bgr else rgb
+        return (x - self.mean) / self.std, labels.to(self.device, non_blocking=True)
+
+    def augment(self, images: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
+        """(3, H_i, W_i) uint8 images on the device and (N,) int64 sample seeds -> (N, 3, crop, crop)
+        RGB in [0, 1] plus the colour shift, not yet normalised."""
+        t = self.transform
+        draws = draw_crops(seeds, [tuple(im.shape[-2:]) for im in images], t.scale, t.crop, t.flip,
+                           t.lighting.alpha_std)
+        rgb = resample_crops(images, draws.box, draws.flip, t.crop).div_(255)
+        if t.lighting.alpha_std:
+            rgb += colour_shift(draws.alpha, PCA_EIGVAL, PCA_EIGVEC, self.device)
+        return rgb
 
     def decode(self, data: list[torch.Tensor], paths: list[str]) -> list[torch.Tensor | None]:
         """Encoded JPEG bytes (1-D) or already-decoded (3, H, W) uint8 -> (3, H, W) uint8 on the device,
-        None where a file does not decode (reported once per batch)."""
+        None where a file does not decode (reported with a warning)."""
         encoded = [i for i, d in enumerate(data) if d.dim() == 1]
         images = [d.to(self.device, non_blocking=True) if d.dim() == 3 else None for d in data]
         if not encoded:
@@ -215,25 +236,3 @@ class GpuAugment:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice for decode_jpeg
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-
-    def augment(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        """(3, H, W) uint8 -> (3, crop, crop) RGB in [0, 1] plus the colour shift, not yet normalised."""
-        t = self.transform
-        generator = torch.Generator().manual_seed(seed)
-        size = int(torch.randint(t.scale[0], t.scale[1] + 1, (), generator=generator))
-        height, width = image.shape[-2:]
-        # The shortest side becomes S, the other int(S * long / short): torchvision's resize rule.
-        short = min(height, width)
-        new_size = (size, int(size * width / short)) if height <= width else (int(size * height / short), size)
-        rgb = image.float().div_(255).unsqueeze(0)
-        if new_size != (height, width):
-            rgb = F.interpolate(rgb, size=new_size, mode="bilinear", antialias=True, align_corners=False)
-        top = int(torch.randint(0, new_size[0] - t.crop + 1, (), generator=generator))
-        left = int(torch.randint(0, new_size[1] - t.crop + 1, (), generator=generator))
-        rgb = rgb[0, :, top : top + t.crop, left : left + t.crop]
-        if t.flip and float(torch.rand((), generator=generator)) < 0.5:
-            rgb = rgb.flip(-1)
-        if t.lighting.alpha_std:
-            alpha = torch.randn(3, generator=generator) * t.lighting.alpha_std
-            rgb = rgb + (PCA_EIGVEC @ (alpha * PCA_EIGVAL)).to(self.device).view(3, 1, 1)
-        return rgb
