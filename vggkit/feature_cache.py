@@ -23,6 +23,17 @@ STORAGES = ("auto", "memory", "disk")
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3  # bytes; larger caches go to disk under "auto"
 
 
+def remove_stale_caches(cache_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``.npy`` memory maps a killed run left in ``cache_dir`` (a finished run deletes its own)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    stale = [p for p in cache_dir.glob("*.npy") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 class FlipViews(Dataset):
     """The fixed views a frozen backbone sees: item ``k`` is image ``k // views``, mirrored when ``k % views == 1``.
 

@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from .configs import resolve
 from .data import EvalTransform, FolderScan, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
-from .feature_cache import FeatureCache, FlipViews
+from .feature_cache import FeatureCache, FlipViews, remove_stale_caches
 from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
 from .paths import check_weights_name, writable_folder
 from .predict import load
 from .runtime import choose_runtime, optimize
+from .train import NonFiniteLossError
 from .weights import checkpoint_metadata, create_model, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -274,14 +275,20 @@ def build_model(model: str, weights, num_classes: int, head: str, width: float |
 
 def run_epoch(batches, forward, device: torch.device, optimizer=None, generator=None,
               progress: bool = False, description: str = "") -> tuple[float, float, np.ndarray, np.ndarray]:
-    """One pass: mean loss, accuracy, labels and predictions. Trains when an ``optimizer`` is given."""
+    """One pass: mean loss, accuracy, labels and predictions. Trains when an ``optimizer`` is given.
+
+    A NaN or infinite training loss raises ``NonFiniteLossError`` before its update.
+    """
     total_loss, seen, correct, labels_seen, predicted = 0.0, 0, 0, [], []
     bar = tqdm(batches.batches(generator), total=len(batches), desc=description, disable=not progress, leave=False)
     with torch.set_grad_enabled(optimizer is not None):
-        for inputs, labels in bar:
+        for batch, (inputs, labels) in enumerate(bar, start=1):
             inputs, labels = inputs.to(device), labels.to(device)
             logits = forward(inputs)
             loss = F.cross_entropy(logits, labels)
+            if optimizer is not None and not torch.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(f"Loss is {loss.item()} at {description or 'training'}, batch {batch}")
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -354,6 +361,16 @@ def image_inputs(net: VGG, frozen: int, splits: DataSplits, flip: bool, seed: in
         return net.forward_head(trained_layers(features))
 
     return TrainingInputs(train, val, test, forward)
+
+
+def _stop_on_non_finite(error: NonFiniteLossError, best_epoch: int, lr: float) -> None:
+    """A diverged fine-tuning run keeps its best finite epoch (a warning), or writes nothing if there is none."""
+    fix = f"Lower the learning rate (now {lr:g}) or check the data."
+    if not best_epoch:
+        raise NonFiniteLossError(f"{error}: training stopped before this update, and no epoch finished with "
+                                 f"finite losses, so nothing was written. {fix}") from None
+    warnings.warn(f"{error}: training stopped before this update; the best epoch before it ({best_epoch}) is "
+                  f"kept and saved. {fix}", stacklevel=3)
 
 
 def _trainable_state(model: VGG, frozen: int) -> dict[str, torch.Tensor]:
@@ -431,6 +448,7 @@ def finetune(
         "auto" if cache_features is True else cache_features)
     cache_start = time.perf_counter()
     if strategy == "head":
+        remove_stale_caches(output_dir / "feature_cache")  # left by a run killed before it cleaned up
         inputs = frozen_backbone_inputs(net, splits, flip, cache, output_dir / "feature_cache", runtime.device,
                                         batch_size, num_workers, progress)
     else:
@@ -454,12 +472,18 @@ def finetune(
     try:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
-            set_train_mode(net, frozen)
-            train_loss, train_acc, _, _ = run_epoch(inputs.train, inputs.forward, runtime.device, opt, generator,
-                                                    progress, f"epoch {epoch}/{epochs} train")
-            net.eval()
-            val_loss, val_acc, _, _ = run_epoch(inputs.val, inputs.forward, runtime.device, progress=progress,
-                                                description=f"epoch {epoch}/{epochs} val")
+            try:
+                set_train_mode(net, frozen)
+                train_loss, train_acc, _, _ = run_epoch(inputs.train, inputs.forward, runtime.device, opt,
+                                                        generator, progress, f"epoch {epoch}/{epochs} train")
+                net.eval()
+                val_loss, val_acc, _, _ = run_epoch(inputs.val, inputs.forward, runtime.device,
+                                                    progress=progress, description=f"epoch {epoch}/{epochs} val")
+                if not np.isfinite(val_loss):
+                    raise NonFiniteLossError(f"Validation loss is {val_loss} after epoch {epoch}")
+            except NonFiniteLossError as error:
+                _stop_on_non_finite(error, best_epoch, opt.param_groups[0]["lr"])
+                break
             seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
             history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                             "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})

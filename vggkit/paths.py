@@ -8,10 +8,6 @@ from pathlib import Path
 
 RELEASE_NAMES = ("imagenet", "caffe", "timm")
 
-# The first bytes of the files torch.load and safetensors read: a zip archive (torch.save since 1.6),
-# a pickle (protocol 2+, older torch.save), a safetensors header (8-byte length, then '{').
-_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
-
 
 def looks_like_a_path(text: str | os.PathLike) -> bool:
     """True for what is meant as a file (a folder in it, or a weight file's extension), not a model name."""
@@ -20,25 +16,21 @@ def looks_like_a_path(text: str | os.PathLike) -> bool:
 
 
 def check_checkpoint_file(path: str | os.PathLike, what: str = "Checkpoint") -> Path:
-    """``path`` as a Path if it exists and looks like a weight file; else a one-line error saying what is wrong."""
+    """``path`` as a Path if it is a regular file that looks like a weight file; else a one-line error
+    saying what it is (missing, a folder, a FIFO, a symlink loop, an image...)."""
+    from .checkpoint_io import check_checkpoint_header, check_regular_file
+
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         hint = "" if looks_like_a_path(path) else " (a file such as the model.pth that vggkit finetune writes)"
         raise FileNotFoundError(f"{what} not found: {path}{hint}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the checkpoint file in it (e.g. {path / 'model.pth'}).")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{"
-    if not (head.startswith(_ZIP) or head.startswith(_PICKLE) or looks_like_safetensors):
-        raise ValueError(f"{path} is not a checkpoint (not a file written by torch.save or safetensors); "
-                         f"give a .pth/.pt/.safetensors file, e.g. the model.pth that vggkit finetune writes.")
+    check_checkpoint_header(check_regular_file(path, what))
     return path
 
 
 def check_weights_name(weights: str | os.PathLike) -> None:
     """A ``weights`` value that is not a release name: an existing weight file, else an error with the likely fix."""
-    if Path(weights).exists():
+    if Path(weights).exists() or Path(weights).is_symlink():
         check_checkpoint_file(weights, "Weight file")
         return
     text = str(weights)

@@ -21,7 +21,7 @@ from .model import VGG
 from .paths import check_checkpoint_file
 from .preprocess import Preprocess
 from .runtime import optimize
-from .weights import read_weights_file, unwrap_checkpoint
+from .weights import WeightsError, read_weights_file, unwrap_checkpoint
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -40,8 +40,13 @@ def load(checkpoint: str | os.PathLike) -> VGG:
     head = meta.get("head") or {"type": "vgg"}
     attach_head(model, head["type"], int(meta["num_classes"]), hidden=int(head.get("hidden", 512)),
                 dropout=float(head.get("dropout", model.dropout)))
-    model.load_state_dict(state, strict=True)
-    model.preprocess = Preprocess.from_dict(meta["preprocess"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # the metadata and the tensors disagree (a head or width that does not fit)
+        raise WeightsError(f"{path}: the weights do not fit the model its metadata describes "
+                           f"({model.name}, num_classes={model.num_classes}, width={model.width}, "
+                           f"head {head['type']!r}): {(str(error).splitlines() + [''])[1].strip()[:300]}") from None
+    model.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else Preprocess()
     model.class_names = list(meta["class_names"]) if meta.get("class_names") else None
     model.weights_info = {"source": str(path), **{k: meta[k] for k in ("metrics",) if k in meta}}
     return model.eval()

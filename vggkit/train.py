@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .checkpoint_io import atomic_write_text, read_training_state, remove_stale_temps
 from .data import EvalTransform, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
 from .model import VGG
 from .paths import writable_folder
@@ -164,6 +165,8 @@ def prepare_output(output_dir: str | os.PathLike, resume: bool) -> Path:
     if not resume and (output / LAST).is_file():
         raise ValueError(f"{output} already holds a run ({LAST}). Pass --resume to continue it, "
                          f"or choose another --output.")
+    if int(os.environ.get("RANK", 0)) == 0:  # the rank that writes; others might delete its writes in flight
+        remove_stale_temps(output)  # half-written checkpoints of a killed run
     return output
 
 
@@ -249,14 +252,13 @@ def gather_rng_states(dist: Distributed) -> list[dict]:
 
 
 def load_training_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``last.pt`` of a run, read as data and every field checked (``checkpoint_io.read_training_state``)."""
+    return read_training_state(path)
 
 
 def write_metrics(output: Path, history: list[dict]) -> None:
-    """metrics.jsonl: one line per epoch, rewritten whole so a resumed run never repeats a line."""
-    tmp = output / f".{METRICS}.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, output / METRICS)
+    """metrics.jsonl: one line per epoch, rewritten whole (atomically) so a resumed run never repeats a line."""
+    atomic_write_text("".join(json.dumps(row) + "\n" for row in history), output / METRICS)
 
 
 def write_curves(output: Path, history: list[dict]) -> None:
@@ -380,6 +382,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
         history = [row for row in state["history"] if row["epoch"] <= start_epoch]  # drop a partial epoch's row
         best_error, epoch_loss = state["best_top1_error"], state["epoch_loss"]
         set_rng_state(state["rng"][dist.rank if len(state["rng"]) == dist.world_size else 0])
+        if dist.is_main:
+            # A kill after last.pt but before the logs: re-derive them from last.pt's history (best.pt is
+            # written before last.pt, so it is never behind it).
+            write_metrics(output, history)
 
     def save_state(epoch: int, step: int, loss_so_far: float = 0.0) -> None:
         rng = gather_rng_states(dist)  # a collective: every rank takes part
@@ -402,7 +408,7 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     # ---- the epoch loop. Losses stay on the device; they are read back (the one host synchronisation
     # of a step) every run.loss_every steps, before every checkpoint and at the end of an epoch, so a
     # non-finite loss is always caught before a checkpoint could hold its update.
-    steps_this_run, completed, curves_drawn_at, curves_stale = 0, True, time.monotonic(), False
+    steps_this_run, completed, curves_drawn_at, curves_stale = 0, True, time.monotonic(), state is not None
     step_losses: list[float] = []
 
     def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar) -> None:
@@ -494,13 +500,15 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
         history.append(row)
         improved = metrics["val_top1_error"] < best_error
         best_error = min(best_error, metrics["val_top1_error"])
+        # Order matters for a kill between two writes: best.pt before last.pt (a resume replays the epoch
+        # and rewrites the same best.pt), the logs after it (a resume re-derives them from last.pt).
+        if dist.is_main and improved:
+            save_checkpoint(raw_model, output / BEST, epoch=epoch + 1, recipe=recipe.to_dict(),
+                            accuracy={"top1_error": metrics["val_top1_error"],
+                                      "top5_error": metrics["val_top5_error"]})
         save_state(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else step + 1,
                    0.0 if finished_epoch else loss_sum.item())
         if dist.is_main:
-            if improved:
-                save_checkpoint(raw_model, output / BEST, epoch=epoch + 1, recipe=recipe.to_dict(),
-                                accuracy={"top1_error": metrics["val_top1_error"],
-                                          "top5_error": metrics["val_top5_error"]})
             write_metrics(output, history)
             curves_stale = True
             if time.monotonic() - curves_drawn_at >= CURVES_EVERY_S:

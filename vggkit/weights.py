@@ -15,13 +15,13 @@ is data, never code.
 from __future__ import annotations
 
 import os
-import pickle
 import urllib.error
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint_io import WeightsError, atomic_save, check_finite, check_metadata, read_checkpoint
 from .configs import resolve
 from .model import VGG
 from .preprocess import CAFFE, IMAGENET, Preprocess
@@ -38,10 +38,6 @@ CAFFE_PORTS = {
 CAFFE_PORT_FILES = {filename for filename, _ in CAFFE_PORTS.values()}
 
 
-class WeightsError(ValueError):
-    """A weight file that cannot be loaded into the asked-for model, with the reason and the fix."""
-
-
 class WeightsUnavailableError(RuntimeError):
     """Published weights that could not be downloaded (offline, blocked) and are not cached."""
 
@@ -49,75 +45,26 @@ class WeightsUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------- reading files
 
 
-def read_weights_file(path: str | os.PathLike) -> dict:
+def read_weights_file(path: str | os.PathLike, check_values: bool = True) -> dict:
     """Read a ``.pth``/``.pt``/``.bin``/``.safetensors`` file into a dict of tensors (and metadata).
 
-    Only plain tensors and containers are accepted (``weights_only=True``).
+    Only plain tensors and containers are accepted (``weights_only=True``), through
+    ``checkpoint_io.read_checkpoint``. A vggkit checkpoint's metadata is validated field by
+    field; with ``check_values`` every weight must be finite (NaN/Inf name the first bad tensor).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise WeightsError(f"{path} is not a valid .safetensors file ({error}).") from None
-    _check_torch_file(path)
-    try:
-        loaded = _torch_load(path)
-    except pickle.UnpicklingError as error:
-        raise WeightsError(
-            f"{path} holds Python objects other than tensors, which vggkit refuses to unpickle "
-            f"(torch.load(weights_only=True)): {str(error).splitlines()[0]}\n"
-            f"If you trust the file, re-save only its weights: "
-            f"torch.save(obj.state_dict(), 'weights.pth')."
-        ) from None
-    except Exception as error:  # the unpickler fails in many ways on a file that is not a checkpoint
-        raise WeightsError(
-            f"{path} is not a PyTorch weight file ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            f"Pass a .pth/.pt state dict, a .safetensors file or a vggkit checkpoint."
-        ) from None
-    if not isinstance(loaded, dict):
-        raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors.")
+    loaded = read_checkpoint(path)
+    if loaded.get("format") == "vggkit":
+        check_metadata({"state_dict": None, **loaded}, path)
+    if check_values:
+        check_finite(unwrap_checkpoint(loaded)[0], path)
     return loaded
-
-
-# How the files torch.save writes begin: a zip archive (torch >= 1.6) or a pickle (legacy).
-TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
-OTHER_FILE_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
-                    b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive"}
-
-
-def _check_torch_file(path: Path) -> None:
-    """``WeightsError`` for a file that cannot be a torch.save checkpoint, saying what it looks like."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(TORCH_FILE_MAGIC):
-        return
-    kind = next((name for magic, name in OTHER_FILE_MAGIC.items() if head.startswith(magic)),
-                "an empty file" if not head else "unrecognised contents")
-    raise WeightsError(f"{path} is not a PyTorch weight file ({kind}). "
-                       f"Pass a .pth/.pt state dict, a .safetensors file or a vggkit checkpoint.")
-
-
-def _torch_load(path: Path):
-    """``torch.load(weights_only=True)``, memory-mapped where the file format allows (zip files)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error) and "zip" not in str(error):
-            raise
-        # Legacy (pre-1.6, non-zip) files, as some Caffe ports are, cannot be memory-mapped.
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def unwrap_checkpoint(loaded: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split a loaded file into (state dict, metadata); strips DDP's ``module.`` prefix."""
     meta: dict = {}
     state = loaded
-    if loaded.get("format") == "vggkit":
+    if loaded.get("format") == "vggkit" and isinstance(loaded.get("state_dict"), dict):
         meta = {k: v for k, v in loaded.items() if k != "state_dict"}
         state = loaded["state_dict"]
     else:
@@ -417,7 +364,7 @@ def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = No
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict:
     """Model name, class count and width stored in a file (vggkit checkpoints), or guessed from its keys."""
-    state, meta = unwrap_checkpoint(read_weights_file(path))
+    state, meta = unwrap_checkpoint(read_weights_file(path, check_values=False))
     return meta or _guess_metadata(state)
 
 
@@ -480,19 +427,6 @@ def save_checkpoint(model: VGG, path: str | os.PathLike, **extra) -> Path:
     }
     atomic_save(payload, path)
     return path
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def count_parameters(model: nn.Module) -> int:
