@@ -5,7 +5,7 @@ and caches of its views keyed on image content, so the same picture with the sam
 settings is computed once. Model-independent views (receptive-field tables, the
 3x3-versus-7x7 comparison, Tables 1 and 2) are plain functions. Images arrive as paths,
 PIL images or arrays and go through ``vggkit.data.load_image`` (orientation, modes,
-the decompression-bomb limit). Tables are pandas DataFrames, figures matplotlib
+``vggkit.limits``' pixel limit, which every rescaled view is checked against too). Tables are pandas DataFrames, figures matplotlib
 ``Figure``s, pictures PIL images.
 """
 
@@ -39,7 +39,6 @@ from .weights import WeightsError, WeightsUnavailableError, count_parameters, cr
 
 CROP = 224  # the receptive-field and feature-map views work on the paper's 224 px crop
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
-MAX_PIXELS = 40_000_000  # uploads above this many pixels are refused (decompression bombs; pointless here)
 MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 RELEASES = ("imagenet", "timm", "caffe")
@@ -57,7 +56,7 @@ def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> I
     """
     if source is None:
         raise ValueError("No image: pick an example or upload a photograph.")
-    image = load_image(source, max_pixels=MAX_PIXELS)
+    image = load_image(source)  # vggkit.limits.max_pixels(): the library's one limit, on the file and every view
     return rescale_shortest(image, MAX_SHORT_SIDE) if min(image.size) > MAX_SHORT_SIDE else image
 
 
