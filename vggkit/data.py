@@ -11,6 +11,7 @@ import errno
 import math
 import os
 import random
+import re
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from .limits import over_limit
+from .limits import ENV_VAR, over_limit
+from .limits import max_pixels as pixel_limit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 SPLITS = ("train", "val", "test")
@@ -96,8 +98,11 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels:
                 return image
     except ImageError:
         raise
-    except Image.DecompressionBombError as error:
-        raise ImageError(path, f"{error}; refused as a possible decompression bomb") from None
+    except Image.DecompressionBombError as error:  # PIL refuses at open past twice its own limit (179 MP)
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise ImageError(path, f"{size}, over the limit of {min(pixel_limit(), 2 * Image.MAX_IMAGE_PIXELS):,} "
+                               f"(set {ENV_VAR} to change it); refused as a possible decompression bomb") from None
     except PermissionError:
         raise ImageError(path, "permission denied; make the file readable (chmod +r)") from None
     except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
@@ -205,6 +210,9 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verif
     seen.claim(str(root), os.stat(root))  # a link back to the root is a loop, not more data
     samples: list[tuple[str, int]] = []
     skipped: list[tuple[str, str]] = []
+    # Every class folder is claimed before any is walked: a link inside one class to another class's
+    # folder is then skipped there, not counted as the first class.
+    walked = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
@@ -212,7 +220,9 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verif
         first = seen.claim(str(folder), os.stat(folder))
         if first:
             skipped.append((str(folder), f"the same folder as {first} (a link); its files are counted once"))
-            continue
+        else:
+            walked.append((label, folder))
+    for label, folder in walked:
         for path in image_files(str(folder), seen, skipped):
             if verify:
                 try:
