@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit COMMAND --help' for a command's "
                "options and an example.")
@@ -84,7 +83,9 @@ def _finetune(args: argparse.Namespace) -> int:
                       cache_features=False if args.no_cache else args.cache, output_dir=args.output,
                       seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress)
     metrics = result.metrics
-    recalls = ", ".join(f"{name} {value:.3f}" for name, value in metrics["recall"].items())
+    from .data import display_name
+
+    recalls = ", ".join(f"{display_name(name)} {value:.3f}" for name, value in metrics["recall"].items())
     print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
           f"recall per class: {recalls}")
     print(f"checkpoint: {result.checkpoint}")
@@ -110,24 +111,16 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .data import is_image_file
-    from .predict import predict
+    from .data import display_name
+    from .predict import predict_paths
 
-    images = []
-    for name in args.images:  # a folder stands for the image files in it (and in its sub-folders)
-        folder = Path(name)
-        if folder.is_dir():
-            found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-            if not found:
-                raise ValueError(f"{folder} holds no image files (.jpg, .png, ...).")
-            images += found
-        else:
-            images.append(name)
-    for image, top in zip(images, predict(args.checkpoint, images, top_k=args.top_k,
-                                          precision=args.precision, device=args.device)):
-        print(image)
+    # Folders stand for the image files under them; unusable files are skipped with one warning.
+    results = predict_paths(args.checkpoint, args.images, top_k=args.top_k, precision=args.precision,
+                            device=args.device)
+    for image, top in results.items():
+        print(display_name(image))
         for name, probability in top:
-            print(f"  {probability:7.4f}  {name}")
+            print(f"  {probability:7.4f}  {display_name(name)}")
     return 0
 
 

@@ -7,9 +7,12 @@ and refuses what is not an image, or is a decompression bomb, with a clear messa
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
+import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +23,10 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
+from .limits import ENV_VAR, over_limit
+from .limits import max_pixels as pixel_limit
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
-MAX_IMAGE_PIXELS = 100_000_000  # 10k x 10k; larger is refused as a possible decompression bomb
 SPLITS = ("train", "val", "test")
 
 # AlexNet's PCA colour augmentation (Krizhevsky et al. 2012): ImageNet RGB eigen-decomposition.
@@ -43,6 +48,12 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def display_name(name: str | os.PathLike) -> str:
+    """A file or class name for showing (terminal, plot, HTML): bytes that are not UTF-8 (carried by
+    Python as surrogate escapes) become U+FFFD instead of breaking the output."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparent pixels go on white; 16-bit is rescaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -58,10 +69,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels: int | None = None) -> Image.Image:
     """Open an image file (or take a PIL image / HxWx3 uint8 array) as an upright RGB PIL image.
 
-    Raises ``ImageError`` naming the file for anything that is not a readable image.
+    ``max_pixels`` defaults to ``vggkit.limits.max_pixels()`` (``VGGKIT_MAX_PIXELS``); a larger
+    image is refused from its header, before its pixels are decoded. Raises ``ImageError``
+    naming the file, and what it is when it is not a regular file, for anything unusable.
     """
     if isinstance(source, np.ndarray):
         source = Image.fromarray(source)
@@ -69,36 +82,66 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels:
         _check_pixels(source, "<image>", max_pixels)
         return to_rgb(ImageOps.exif_transpose(source) or source)
     path = Path(source)
-    if not path.is_file():
-        raise ImageError(path, "no such file")
+    not_a_file = describe_non_file(path)
+    if not_a_file:  # never open a FIFO or a device: the read would block or never end
+        raise ImageError(path, not_a_file)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # vggkit's own limit (checked next, from the header) decides; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _check_pixels(image, path, max_pixels)
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
-                return to_rgb(image)
+                image = to_rgb(image)
+                image.info["vggkit_path"] = str(path)  # travels with resized copies: rescale errors name the file
+                return image
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(path, f"more than {max_pixels:,} pixels; refused as a possible decompression bomb") from None
+    except Image.DecompressionBombError as error:  # PIL refuses at open past twice its own limit (179 MP)
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise ImageError(path, f"{size}, over the limit of {min(pixel_limit(), 2 * Image.MAX_IMAGE_PIXELS):,} "
+                               f"(set {ENV_VAR} to change it); refused as a possible decompression bomb") from None
     except PermissionError:
         raise ImageError(path, "permission denied; make the file readable (chmod +r)") from None
     except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
         reason = "not an image PIL can read" if "cannot identify" in str(error) else f"corrupt or truncated ({error})"
         raise ImageError(path, f"{reason}; remove or replace the file") from None
-    except (ValueError, SyntaxError, IndexError) as error:
+    except (ValueError, SyntaxError, IndexError, EOFError) as error:
         raise ImageError(path, f"corrupt image ({error}); remove or replace the file") from None
 
 
-def _check_pixels(image: Image.Image, path, max_pixels: int) -> None:
+def describe_non_file(path: str | os.PathLike) -> str | None:
+    """None for a regular file (or a link to one); else what ``path`` is, as a reason to refuse it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path):
+            if error.errno == errno.ELOOP:
+                return "a symbolic link loop, not an image file"
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        if error.errno == errno.EACCES:
+            return "permission denied; make the file and its folders readable"
+        return "no such file"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file (give the image files in it, or the folder where a folder is accepted)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not an image file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not an image file"
+    return "a device, not an image file"
+
+
+def _check_pixels(image: Image.Image, path, max_pixels: int | None) -> None:
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(path, f"{width}x{height} is more than {max_pixels:,} pixels; "
-                               f"refused as a possible decompression bomb (downscale it first)")
     if width < 1 or height < 1:
         raise ImageError(path, "empty image")
+    reason = over_limit(width, height, "decoded, it", max_pixels)
+    if reason:
+        raise ImageError(path, f"{reason}; refused as a possible decompression bomb (downscale it first)")
 
 
 # --------------------------------------------------------------------------- folders
@@ -120,41 +163,117 @@ class FolderScan:
         return counts
 
 
-def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verify: bool = False) -> FolderScan:
-    """Scan ``root/<class>/**/<image>``: class names sorted, files sorted, hidden and non-image files skipped.
+class SeenFiles:
+    """Files and folders already counted, by identity (device, inode): a symbolic link to one already
+    seen, a hard link to it, or a folder loop is recognised, so every file counts once.
 
-    ``verify=True`` decodes every image once and skips (and reports) the unreadable ones.
-    Raises a clear ``ValueError`` when ``root`` is missing or holds no class folders.
+    Share one between the scans of a run's splits to keep them disjoint.
     """
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], str] = {}
+
+    def claim(self, path: str, status: os.stat_result) -> str | None:
+        """None the first time a file or folder is seen; afterwards the path it was first seen under."""
+        key = (status.st_dev, status.st_ino)
+        if key in self.first:
+            return self.first[key]
+        self.first[key] = path
+        return None
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The sorted names of ``root``'s visible sub-folders (links to folders included); nothing is walked."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}. Expected one sub-folder per class.")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
+
+
+def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verify: bool = False,
+                seen: SeenFiles | None = None) -> FolderScan:
+    """Scan ``root/<class>/**/<image>``: class names sorted, files sorted, hidden and non-image files skipped.
+
+    Links are followed, but every file and folder counts once, by identity: a link or hard link
+    to one already seen (in this scan or, with a shared ``seen``, another split's) and folder
+    loops are skipped and listed in ``skipped``, as are FIFOs, devices and broken links named
+    like images. ``verify=True`` decodes every image once and skips the unreadable ones and those
+    too extreme to rescale to 224 px within the pixel limit.
+    Raises a clear ``ValueError`` when ``root`` is missing or holds no class folders.
+    """
+    root = Path(root)
+    found = class_folders(root)
     if not found:
         raise ValueError(f"{root} holds no class folders. Expected {root}/<class_name>/<image files>.")
     classes = list(classes) if classes is not None else found
+    seen = SeenFiles() if seen is None else seen
+    seen.claim(str(root), os.stat(root))  # a link back to the root is a loop, not more data
     samples: list[tuple[str, int]] = []
     skipped: list[tuple[str, str]] = []
+    # Every class folder is claimed before any is walked: a link inside one class to another class's
+    # folder is then skipped there, not counted as the first class.
+    walked = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                if not is_image_file(path):
-                    if not filename.startswith("."):
-                        skipped.append((path, "not an image file (by extension)"))
+        first = seen.claim(str(folder), os.stat(folder))
+        if first:
+            skipped.append((str(folder), f"the same folder as {first} (a link); its files are counted once"))
+        else:
+            walked.append((label, folder))
+    for label, folder in walked:
+        for path in image_files(str(folder), seen, skipped):
+            if verify:
+                try:
+                    image = load_image(path)
+                    check_rescaled(image.width, image.height, 224, path)  # the smallest scale vggkit uses
+                except ImageError as error:
+                    skipped.append((path, error.reason))
                     continue
-                if verify:
-                    try:
-                        load_image(path)
-                    except ImageError as error:
-                        skipped.append((path, error.reason))
-                        continue
-                samples.append((path, label))
+            samples.append((path, label))
     return FolderScan(root, classes, samples, skipped)
+
+
+def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[str, str]]) -> list[str]:
+    """Regular image files under ``folder`` counted once each, in ``os.walk``'s top-down sorted order;
+    everything left out goes to ``skipped`` with its reason (hidden files and folders silently)."""
+    files: list[str] = []
+    pending = [str(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted((e for e in os.scandir(current) if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append((current, f"cannot list the folder ({error.strerror or error})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                status = os.stat(entry.path)  # follows links
+            except OSError:
+                reason = describe_non_file(entry.path) if is_image_file(entry.path) else "not an image file"
+                skipped.append((entry.path, reason))
+                continue
+            if stat.S_ISDIR(status.st_mode):
+                first = seen.claim(entry.path, status)
+                if first:
+                    skipped.append((entry.path, f"the same folder as {first} (a link or a loop); "
+                                                f"its files are counted once"))
+                else:
+                    subfolders.append(entry.path)
+            elif not is_image_file(entry.path):
+                skipped.append((entry.path, "not an image file (by extension)"))
+            elif not stat.S_ISREG(status.st_mode):
+                skipped.append((entry.path, describe_non_file(entry.path) or "not a regular file"))
+            else:
+                first = seen.claim(entry.path, status)
+                if first:
+                    skipped.append((entry.path, f"the same file as {first} (a link or hard link); counted once"))
+                else:
+                    files.append(entry.path)
+        pending += reversed(subfolders)
+    return files
 
 
 def report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
@@ -163,7 +282,7 @@ def report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
         return
     lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
     more = f"\n  ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    warnings.warn(f"Skipped {len(skipped)} file(s) that are not usable images:\n" + "\n".join(lines) + more,
+    warnings.warn(f"Skipped {len(skipped)} file(s) (unusable, or already counted):\n" + "\n".join(lines) + more,
                   stacklevel=2)
 
 
@@ -195,13 +314,12 @@ class ImageListDataset(Dataset):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             if path in self.failed:
                 continue
-            try:
+            try:  # the transform too: its rescale may refuse an extreme aspect ratio
                 image = load_image(path)
+                return (self.transform(image) if self.transform else image), label
             except ImageError as error:
                 self.failed[path] = error.reason
                 warnings.warn(f"Skipping unreadable image {path}: {error.reason}", stacklevel=2)
-                continue
-            return (self.transform(image) if self.transform else image), label
         raise RuntimeError("No readable image left in the dataset.")
 
 
@@ -215,8 +333,23 @@ def rescaled_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+def check_rescaled(width: int, height: int, size: int, path: str | os.PathLike = "<image>") -> tuple[int, int]:
+    """(width, height) after a rescale to shortest side ``size``, or ``ImageError`` when that size is over
+    ``vggkit.limits.max_pixels()``: an extreme aspect ratio (10000x2 at 384 is 1,920,000x384) is refused
+    before anything is allocated."""
+    new_width, new_height = rescaled_size(width, height, size)
+    reason = over_limit(new_width, new_height, f"rescaled to shortest side {size}, this {width}x{height} image")
+    if reason:
+        raise ImageError(path, f"{reason}; its aspect ratio is too extreme, crop it first")
+    return new_width, new_height
+
+
 def rescale_shortest(image: Image.Image, size: int) -> Image.Image:
-    """Isotropic rescale so the shortest side is ``size`` (the paper's S or Q); upscales small images."""
+    """Isotropic rescale so the shortest side is ``size`` (the paper's S or Q); upscales small images.
+
+    The rescaled size is checked against the pixel limit first (``check_rescaled``).
+    """
+    check_rescaled(image.width, image.height, size, image.info.get("vggkit_path", "<image>"))
     return TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -254,7 +387,8 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = random.randint(self.scale[0], self.scale[1])
-        width, height = rescaled_size(image.width, image.height, size)
+        # Only the crop is resampled, but the limit is the same as every other rescale's.
+        width, height = check_rescaled(image.width, image.height, size, image.info.get("vggkit_path", "<image>"))
         top = random.randint(0, height - self.crop)
         left = random.randint(0, width - self.crop)
         # Resample only the crop's window of the source image: the same pixels as rescaling the

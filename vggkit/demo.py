@@ -5,7 +5,7 @@ and caches of its views keyed on image content, so the same picture with the sam
 settings is computed once. Model-independent views (receptive-field tables, the
 3x3-versus-7x7 comparison, Tables 1 and 2) are plain functions. Images arrive as paths,
 PIL images or arrays and go through ``vggkit.data.load_image`` (orientation, modes,
-the decompression-bomb limit). Tables are pandas DataFrames, figures matplotlib
+``vggkit.limits``' pixel limit, which every rescaled view is checked against too). Tables are pandas DataFrames, figures matplotlib
 ``Figure``s, pictures PIL images.
 """
 
@@ -41,7 +41,6 @@ from .weights import WeightsError, WeightsUnavailableError, count_parameters, cr
 
 CROP = 224  # the receptive-field and feature-map views work on the paper's 224 px crop
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
-MAX_PIXELS = 40_000_000  # uploads above this many pixels are refused (decompression bombs; pointless here)
 MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
 # The dense views allocate per rescaled pixel (vgg16's conv1 maps: 2 flips x 64 channels x 4 bytes = 512 B each),
 # so the limit is on the image after rescaling to Q, not on the file. At 1 MP (1953 x 512: an aspect ratio of
@@ -64,7 +63,7 @@ def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> I
     """
     if source is None:
         raise ValueError("No image: pick an example or upload a photograph.")
-    image = load_image(source, max_pixels=MAX_PIXELS)
+    image = load_image(source)  # vggkit.limits.max_pixels(): the library's one limit, on the file and every view
     return rescale_shortest(image, MAX_SHORT_SIDE) if min(image.size) > MAX_SHORT_SIDE else image
 
 

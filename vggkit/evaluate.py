@@ -7,6 +7,7 @@ the centre, dense and multi-crop protocols of ``vggkit.protocols``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -276,7 +277,7 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     images. ``batch_size``: crops per forward pass. The model runs as an inference copy
     under ``vggkit.runtime`` (``precision``, ``device``) with its own preprocessing;
     the model itself is not changed. ``predictions_csv`` writes every image's top-5
-    per protocol. Returns an ``EvaluationResult`` (errors in %).
+    per protocol, row by row as the pass goes. Returns an ``EvaluationResult`` (errors in %).
     """
     protocols = check_protocols(protocol)
     scales = check_scales(scales)
@@ -302,16 +303,20 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         tallies = {p: TopK(k) for p in protocols}
         network_seconds = dict.fromkeys(("center", "dense", "multicrop"), 0.0)
         failed: list[tuple[str, str]] = []
+        csv_out = PredictionsCsv(predictions_csv, scan, k) if predictions_csv is not None else None
         start = time.perf_counter()
-        with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar:
+        with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar, \
+                contextlib.closing(csv_out) if csv_out else contextlib.nullcontext():
             for loaded in loader:
                 failed += [(scan.samples[it["index"]][0], it["error"]) for it in loaded if "error" in it]
                 batch = [it for it in loaded if "error" not in it]
                 if batch:
                     probabilities = batch_probabilities(nets, batch, protocols, flip, batch_size, network_seconds)
+                    indices, labels = [it["index"] for it in batch], [it["label"] for it in batch]
                     for p in protocols:
-                        tallies[p].add([it["index"] for it in batch], [it["label"] for it in batch],
-                                       probabilities[p])
+                        tallies[p].add(indices, labels, probabilities[p])
+                        if csv_out:
+                            csv_out.write(p, indices, labels, probabilities[p])
                     bar.set_postfix({"top-1 err": f"{tallies[protocols[0]].top1_error:.1f}%"})
                 bar.update(len(loaded))
         wall = time.perf_counter() - start
@@ -325,7 +330,7 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     results = {p: tallies[p].result(p, (preprocess.resize_size,) if p == "center" else scales, scan.classes,
                                     network_seconds[p] + shared)
                for p in protocols}
-    csv_path = write_predictions(predictions_csv, scan, tallies) if predictions_csv is not None else None
+    csv_path = csv_out.path if csv_out else None
     return EvaluationResult(results, as_vgg(model).name, scan.root, scan.classes, flip, runtime, wall,
                             scan.skipped + failed, csv_path)
 
@@ -354,31 +359,32 @@ def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: l
     return probabilities
 
 
-def write_predictions(path: str | os.PathLike, scan: FolderScan, tallies: dict[str, TopK]) -> Path:
-    """One CSV row per image and protocol: path, true class, the top-k classes with their probabilities.
+class PredictionsCsv:
+    """One CSV row per image and protocol, written as the pass goes (flushed every batch), so a job
+    that is killed or fails keeps every row done so far: path, protocol, true class, correct top-1 and
+    top-k, then the top-k classes with their probabilities.
 
-    Written to a temporary file and renamed, so a reader never sees half a file.
+    File and class names that are not valid UTF-8 are written as their original bytes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    k = next(iter(tallies.values())).k
-    header = ["path", "protocol", "true_class", "correct_top1", f"correct_top{k}"]
-    header += [f"{column}{i}" for i in range(1, k + 1) for column in ("class", "probability")]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for protocol, tally in tallies.items():
-                classes, probabilities = torch.cat(tally.classes).tolist(), torch.cat(tally.probabilities).tolist()
-                for index, label, top, top_probabilities in zip(tally.indices, tally.labels, classes, probabilities):
-                    cells = [scan.samples[index][0], protocol, scan.classes[label], int(top[0] == label),
-                             int(label in top)]
-                    for c, probability in zip(top, top_probabilities):
-                        cells += [scan.classes[c], f"{probability:.6f}"]
-                    writer.writerow(cells)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    def __init__(self, path: str | os.PathLike, scan: FolderScan, k: int) -> None:
+        self.path, self.scan, self.k = Path(path), scan, k
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.writer = csv.writer(self.file)
+        header = ["path", "protocol", "true_class", "correct_top1", f"correct_top{k}"]
+        self.writer.writerow(header + [f"{column}{i}" for i in range(1, k + 1) for column in ("class", "probability")])
+
+    def write(self, protocol: str, indices: list[int], labels: list[int], probabilities: torch.Tensor) -> None:
+        """One batch of one protocol: sample indices, true labels, softmax (N, classes)."""
+        top = probabilities.topk(self.k, dim=-1)
+        for index, label, classes, values in zip(indices, labels, top.indices.tolist(), top.values.tolist()):
+            cells = [self.scan.samples[index][0], protocol, self.scan.classes[label], int(classes[0] == label),
+                     int(label in classes)]
+            for c, probability in zip(classes, values):
+                cells += [self.scan.classes[c], f"{probability:.6f}"]
+            self.writer.writerow(cells)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

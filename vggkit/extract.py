@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbone import VGGBackbone
-from .data import EvalTransform, ImageError, is_image_file, load_image, report_skipped, scan_folder
+from .data import EvalTransform, ImageError, SeenFiles, image_files, load_image, report_skipped, scan_folder
 from .model import VGG, check_layers
 from .paths import looks_like_a_path
 from .runtime import optimize
@@ -105,11 +105,11 @@ class _ScaledImages(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int):
-        try:
+        try:  # the transforms too: a rescale may refuse an extreme aspect ratio
             image = load_image(self.sources[index])
+            return index, [transform(image) for transform in self.transforms]
         except ImageError as error:
             return index, error.reason
-        return index, [transform(image) for transform in self.transforms]
 
 
 def _as_list(batch):
@@ -124,9 +124,8 @@ def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tup
             scan = scan_folder(root)
             paths = [path for path, _ in scan.samples]
             return paths, np.array([label for _, label in scan.samples], dtype=np.int64), scan.classes, scan.skipped
-        files = sorted(str(p) for p in root.iterdir() if p.is_file() and is_image_file(p))
-        skipped = [(str(p), "not an image file (by extension)") for p in sorted(root.iterdir())
-                   if p.is_file() and not p.name.startswith(".") and not is_image_file(p)]
+        skipped: list[tuple[str, str]] = []
+        files = image_files(root, SeenFiles(), skipped)
         return files, np.full(len(files), -1, dtype=np.int64), [], skipped
     if isinstance(images_or_dir, (str, os.PathLike, Image.Image, np.ndarray)):
         images_or_dir = [images_or_dir]

@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .configs import resolve
-from .data import EvalTransform, FolderScan, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
+from .data import (EvalTransform, FolderScan, ImageListDataset, SeenFiles, TrainTransform, find_splits, report_skipped,
+                   scan_folder)
 from .feature_cache import FeatureCache, FlipViews, remove_stale_caches
 from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
-from .paths import check_weights_name, writable_folder
+from .paths import check_output_outside, check_weights_name, writable_folder
 from .predict import load
 from .runtime import choose_runtime, optimize
 from .train import NonFiniteLossError
@@ -80,7 +81,8 @@ def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, 
     with the folders, or a class has no usable image.
     """
     splits = find_splits(data_dir)
-    train_scan = scan_folder(splits.get("train", data_dir), verify=verify)
+    seen = SeenFiles()  # shared by the splits: a file linked into two of them is used in the first only
+    train_scan = scan_folder(splits.get("train", data_dir), verify=verify, seen=seen)
     classes = train_scan.classes
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"num_classes={num_classes}, but {train_scan.root} holds {len(classes)} class folder(s): "
@@ -88,7 +90,7 @@ def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, 
     scans = {"train": train_scan}
     for split in ("val", "test"):
         if split in splits:
-            scan = scan_folder(splits[split], classes=classes, verify=verify)
+            scan = scan_folder(splits[split], classes=classes, verify=verify, seen=seen)
             unknown = sorted(d.name for d in splits[split].iterdir()
                              if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
             if unknown:
@@ -432,6 +434,7 @@ def finetune(
     np.random.seed(seed)
     data_dir = Path(data_dir)
     output_dir = Path(output_dir) if output_dir is not None else Path("vggkit_runs") / f"{data_dir.name}-{model}"
+    check_output_outside(output_dir, data_dir, flag="output_dir (--output)")
     splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
     writable_folder(output_dir)  # before training, not when saving its result
     report_skipped(splits.skipped)

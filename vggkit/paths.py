@@ -68,3 +68,12 @@ def writable_file(path: str | os.PathLike, example: str = "output") -> Path:
         raise ValueError(f"Cannot write {path}: its folder {path.parent} cannot be created or written; "
                          f"choose a writable path.") from None
     return path
+
+
+def check_output_outside(output: str | os.PathLike, data: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse an output folder that is the data folder or inside it (links resolved): the next scan of
+    the data would take its plots and checkpoints for images, or a class folder for one more class."""
+    out, root = Path(output).resolve(), Path(data).resolve()
+    if out == root or root in out.parents:
+        raise ValueError(f"The output folder {output} is inside the data folder {data}; the next run would read "
+                         f"its files as data. Choose a {flag} outside {data}.")

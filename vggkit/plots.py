@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .data import display_name
+
 SPLIT_PREFIXES = ("train_", "val_", "test_")
 
 
@@ -95,6 +97,7 @@ def plot_confusion_matrix(matrix: np.ndarray | Sequence[Sequence[int]], class_na
     if matrix.shape != (len(class_names), len(class_names)):
         raise ValueError(f"Confusion matrix of shape {matrix.shape} does not match {len(class_names)} class names.")
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
+    class_names = [display_name(name) for name in class_names]  # folder names need not be valid UTF-8
     side = max(3.5, 0.45 * len(class_names) + 2)
     figure = Figure(figsize=(side + 1, side))
     ax = figure.subplots()

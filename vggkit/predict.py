@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import load_image
+from .data import ImageError, SeenFiles, describe_non_file, image_files, load_image, report_skipped
 from .heads import attach_head
 from .model import VGG
 from .paths import check_checkpoint_file
@@ -65,17 +65,43 @@ def predict_proba(model_or_checkpoint: VGG | str | os.PathLike, images: Sequence
 
     Each image goes through the model's own ``preprocess`` (resize, centre crop, normalise)
     and the model through ``vggkit.runtime`` (``optimize``); the model itself is not changed.
+    An unusable image raises ``ImageError`` naming it (``predict_paths`` skips such files instead).
     """
-    model = _as_model(model_or_checkpoint)
+    probabilities, _ = _probabilities(_as_model(model_or_checkpoint), images, batch_size, precision, device,
+                                      progress, skipped=None)
+    return probabilities
+
+
+def _probabilities(model: VGG, images: Sequence[ImageInput], batch_size: int, precision: str,
+                   device: str | torch.device | None, progress: bool,
+                   skipped: list[tuple[str, str]] | None) -> tuple[torch.Tensor, list[int]]:
+    """-> (softmax (K, classes), the K indices of ``images`` used). With a ``skipped`` list an unusable
+    image is added to it, with its reason, and left out; without one its ``ImageError`` is raised."""
     preprocess = model.preprocess or Preprocess()
     fast = optimize(model, precision=precision, device=device)
-    chunks = []
+    chunks, kept = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
-        batch = torch.stack([preprocess(load_image(image)) for image in images[start:start + batch_size]])
-        chunks.append(torch.softmax(fast(batch), dim=1).cpu())
+        inputs = []
+        for index in range(start, min(start + batch_size, len(images))):
+            try:
+                inputs.append(preprocess(load_image(images[index])))
+                kept.append(index)
+            except ImageError as error:
+                if skipped is None:
+                    raise
+                skipped.append((str(images[index]), error.reason))
+        if inputs:
+            chunks.append(torch.softmax(fast(torch.stack(inputs)), dim=1).cpu())
     if not chunks:
-        return torch.empty(0, model.num_classes)
-    return torch.cat(chunks)
+        return torch.empty(0, model.num_classes), kept
+    return torch.cat(chunks), kept
+
+
+def _top_k(model: VGG, probabilities: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
+    names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
+    top = probabilities.topk(min(top_k, model.num_classes), dim=1)
+    return [[(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
+            for values, indices in zip(top.values, top.indices)]
 
 
 def predict(model_or_checkpoint: VGG | str | os.PathLike, images: Sequence[ImageInput], top_k: int = 5,
@@ -84,10 +110,53 @@ def predict(model_or_checkpoint: VGG | str | os.PathLike, images: Sequence[Image
 
     ``model_or_checkpoint`` is a model or a checkpoint path; names come from its
     ``class_names`` (``"class <i>"`` when it has none). ``options`` go to ``predict_proba``.
+    One result per image, so an unusable image raises ``ImageError`` naming it and what it is.
     """
     model = _as_model(model_or_checkpoint)
-    names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
-    probabilities = predict_proba(model, list(images), **options)
-    top = probabilities.topk(min(top_k, model.num_classes), dim=1)
-    return [[(names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
-            for values, indices in zip(top.values, top.indices)]
+    return _top_k(model, predict_proba(model, list(images), **options), top_k)
+
+
+def predict_paths(model_or_checkpoint: VGG | str | os.PathLike, paths: Sequence[str | os.PathLike], top_k: int = 5,
+                  **options) -> dict[str, list[tuple[str, float]]]:
+    """Top-k per image file, for files and folders (every image under a folder, each file once).
+
+    Unusable files (corrupt, too large, a FIFO, a broken link, ...) are skipped with one
+    warning listing each and why, as ``finetune`` and ``extract_features`` do; a ``ValueError``
+    only when no file at all could be used. -> ``{path: [(class name, probability), ...]}`` in order.
+    """
+    model = _as_model(model_or_checkpoint)
+    files, skipped = expand_image_paths(paths)
+    probabilities, kept = _probabilities(model, files, options.pop("batch_size", 32), options.pop("precision", "auto"),
+                                         options.pop("device", None), options.pop("progress", False), skipped)
+    report_skipped(skipped)
+    if not kept:
+        raise ValueError(f"No usable image among the {len(files) + len(skipped)} file(s) given"
+                         f"{'; see the warning above' if skipped else ''}.")
+    return dict(zip((files[i] for i in kept), _top_k(model, probabilities, top_k)))
+
+
+def expand_image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files and folders -> (image files, each once, [(path, reason)] for what was left out).
+
+    A folder stands for the image files in it and its sub-folders; a file is taken as given
+    (its reading decides), and anything that is not a file or a folder is left out with what it is.
+    """
+    seen, files, skipped = SeenFiles(), [], []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            before = len(skipped)
+            found = image_files(path, seen, skipped)
+            if not found and len(skipped) == before:
+                skipped.append((path, "a folder with no image files (.jpg, .png, ...)"))
+            files += found
+            continue
+        reason = describe_non_file(path)
+        if reason:
+            skipped.append((path, reason))
+            continue
+        first = seen.claim(path, os.stat(path))
+        if first:
+            skipped.append((path, f"the same file as {first} (a link or hard link); predicted once"))
+        else:
+            files.append(path)
+    return files, skipped

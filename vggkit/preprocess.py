@@ -36,8 +36,9 @@ class Preprocess:
     name: str = "imagenet"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = TF.resize(image.convert("RGB"), self.resize_size,
-                          interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        from .data import rescale_shortest  # checks the rescaled size against vggkit's pixel limit
+
+        image = rescale_shortest(image.convert("RGB"), self.resize_size)
         image = TF.center_crop(image, self.input_size)
         return self.normalize(TF.to_tensor(image))
 

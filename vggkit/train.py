@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint_io import atomic_write_text, read_training_state, remove_stale_temps
-from .data import EvalTransform, ImageListDataset, TrainTransform, find_splits, report_skipped, scan_folder
+from .data import (EvalTransform, ImageListDataset, SeenFiles, TrainTransform, class_folders, find_splits,
+                   report_skipped, scan_folder)
 from .model import VGG
-from .paths import writable_folder
+from .paths import check_output_outside, writable_folder
 from .recipe import Recipe, apply_overrides
 from .runtime import choose_runtime
 from .train_data import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
@@ -177,8 +178,9 @@ def scan_imagenet(data_dir: str | os.PathLike, verify: bool = False):
         if split not in splits:
             raise FileNotFoundError(f"{Path(data_dir) / split} not found. Expected the ImageFolder layout "
                                     f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG.")
-    train_scan = scan_folder(splits["train"], verify=verify)
-    val_classes = scan_folder(splits["val"]).classes
+    seen = SeenFiles()  # shared: a validation file linked from train/ is not validated on
+    train_scan = scan_folder(splits["train"], verify=verify, seen=seen)
+    val_classes = class_folders(splits["val"])
     if val_classes != train_scan.classes:
         only_val = sorted(set(val_classes) - set(train_scan.classes))
         only_train = sorted(set(train_scan.classes) - set(val_classes))
@@ -186,11 +188,15 @@ def scan_imagenet(data_dir: str | os.PathLike, verify: bool = False):
             f"{splits['val']} and {splits['train']} must hold the same class folders: "
             f"only in val: {only_val[:10] or 'none'}, only in train: {only_train[:10] or 'none'}. "
             f"Sort the validation images into one folder per class (wnid), as train/ is.")
-    val_scan = scan_folder(splits["val"], classes=train_scan.classes, verify=verify)
+    val_scan = scan_folder(splits["val"], classes=train_scan.classes, verify=verify, seen=seen)
     report_skipped(train_scan.skipped + val_scan.skipped)
     for name, scan in (("train", train_scan), ("val", val_scan)):
         if not scan.samples:
             raise ValueError(f"{scan.root} holds no usable images.")
+    empty = [name for name, count in train_scan.counts().items() if count == 0]
+    if empty:  # a class never seen in training would still get an output unit, trained only to lose
+        raise ValueError(f"Class folder(s) {empty[:10]} in {train_scan.root} hold no usable image; add images "
+                         f"or remove the folder(s) ({len(empty)} of {len(train_scan.classes)} classes).")
     return train_scan, val_scan
 
 
@@ -315,6 +321,7 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     # ---- where the run lives, what it trains on, which recipe
     if recipe is None and not resume:
         raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
+    check_output_outside(output_dir, data_dir)
     output = prepare_output(output_dir, resume)
     state = load_training_state(output / LAST) if resume else None
     if state is not None:  # the run's own recipe; a recipe given as well is ignored
