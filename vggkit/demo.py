@@ -37,15 +37,13 @@ from .protocols import check_scales, dense_probabilities_from_maps, dense_score_
 from .receptive_field import ReceptiveField, effective_receptive_field, receptive_field
 from .runtime import optimize
 from .stacks import measure_designs, stack_cost_rows
+from .limits import APP_DENSE_MAX_PIXELS
 from .weights import WeightsError, WeightsUnavailableError, count_parameters, create_model, load_weights
 
 CROP = 224  # the receptive-field and feature-map views work on the paper's 224 px crop
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
 MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
-# The dense views allocate per rescaled pixel (vgg16's conv1 maps: 2 flips x 64 channels x 4 bytes = 512 B each),
-# so the limit is on the image after rescaling to Q, not on the file. At 1 MP (1953 x 512: an aspect ratio of
-# 3.8 at Q = 512, 15 at Q = 256) a full-width vgg16 pass adds 1.6 GB in float32, 0.9 GB in bf16 (measured).
-MAX_RESCALED_PIXELS = 1_000_000
+MAX_RESCALED_PIXELS = APP_DENSE_MAX_PIXELS  # the dense views' budget, on the image after rescaling to Q
 TIME_BUDGET_S = 120.0  # a view still computing after this long answers with a message instead of going on
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 RELEASES = ("imagenet", "timm", "caffe")
