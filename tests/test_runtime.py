@@ -319,3 +319,20 @@ def test_cuda_compiled_copy_matches_eager():
     x = torch.randn(2, 3, 64, 64, device="cuda")
     assert compiled.runtime.compile
     torch.testing.assert_close(compiled(x), eager(x), rtol=5e-2, atol=5e-2)
+
+
+def test_info_runtime_on_a_gpu_says_what_each_job_uses(monkeypatch):
+    """`vggkit info --runtime` on a (simulated) CUDA machine: inference, evaluation, training, and why."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", total_memory=80 * 2 ** 30, major=9, minor=0))
+    lines = runtime_report().splitlines()
+    assert lines[:2] == ["runtime: cuda bf16 channels_last", "why: CUDA with bf16"]
+    assert lines[3].startswith("GPU: NVIDIA H100 80GB HBM3, 80 GiB, compute capability 9.0")
+    jobs = "\n".join(lines)
+    assert "evaluation and extraction (long jobs): cuda bf16 channels_last compiled" in jobs
+    assert "decode: nvJPEG on the GPU" in jobs
+    assert "training (vggkit train): cuda, bf16 autocast on float32 weights, channels_last; torch.compile" in jobs

@@ -79,14 +79,33 @@ def layer_table(name: str, input_size: int = 224, width: float = 1.0) -> str:
 
 
 def runtime_report() -> str:
-    """What vggkit's own jobs will run on, for ``vggkit info --runtime``."""
+    """What vggkit's own jobs will run on, for ``vggkit info --runtime``: inference, evaluation and
+    extraction, training (device, precision, compile, decode) and why."""
     from .runtime import choose_runtime, cpu_has_fast_bf16
 
     runtime = choose_runtime("auto")
+    long_job = choose_runtime("auto", compile="auto", long_job=True)
+    gpu = runtime.device.type == "cuda"
     lines = [f"runtime: {runtime.describe()}", f"why: {runtime.reason}",
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
-    if runtime.device.type == "cpu":
-        lines.append(f"CPU bf16 support (AMX or AVX-512-bf16): {'yes' if cpu_has_fast_bf16() else 'no'}")
+    if gpu:
+        props = torch.cuda.get_device_properties(runtime.device)
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, compute capability "
+                     f"{props.major}.{props.minor}, CUDA {torch.version.cuda}")
     else:
-        lines.append(f"GPU: {torch.cuda.get_device_name(runtime.device)}")
+        lines.append(f"CPU bf16 support (AMX or AVX-512-bf16): {'yes' if cpu_has_fast_bf16() else 'no'}")
+    decode = ("nvJPEG on the GPU, a batch at a time (PIL for files it cannot read: PNG, CMYK, ...)" if gpu
+              else "PIL in DataLoader workers")
+    train_precision = ("bf16 autocast on float32 weights" if runtime.precision == "bf16" else
+                       "fp16 autocast with a gradient scaler" if runtime.precision == "fp16" else "float32")
+    compile_why = ("eager: compiling pays back only on a GPU or a bf16 CPU" if not long_job.compile
+                   else "torch.compile: long jobs pay back its compile time")
+    lines += ["",
+              f"inference (predict, the app, vggkit.optimize): {runtime.describe()}, eager "
+              "(compile=True asks for torch.compile)",
+              f"evaluation and extraction (long jobs): {long_job.describe()}; {compile_why}; decode: {decode}",
+              f"training (vggkit train): {runtime.device.type}, {train_precision}, channels_last; "
+              + ("torch.compile for runs of 1M images or more (run.compile='auto'), fused SGD, cudnn.benchmark; "
+                 "decode: CPU workers, or nvJPEG with --gpu-decode" if gpu else
+                 "eager (run.compile='auto' compiles on CUDA only); decode: CPU workers")]
     return "\n".join(lines)
