@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
+from .checks import check_side
 from .data import grid_offsets, load_image, rescale_shortest
 from .data import rescaled_size as data_rescaled_size
 from .model import VGG, FullyConvVGG
@@ -137,7 +138,7 @@ def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
         if not isinstance(scale, (int, np.integer)) or scale < CROP:
             raise ValueError(f"Test scale Q={scale!r} must be an integer >= {CROP} "
                              f"(the shortest side must hold a {CROP} px crop).")
-    return tuple(int(s) for s in scales)
+    return tuple(check_side("scales", int(s)) for s in scales)
 
 
 def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
