@@ -283,11 +283,17 @@ def test_non_editable_install_ships_recipes_and_app(tmp_path):
         shutil.copy2(ROOT / name, source / name)
     for folder in ("vggkit", "recipes", "assets"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # What pip install . does, in two steps: the wheel is built with this Python's setuptools (a fresh
+    # venv's bundled one may lack bdist_wheel, and the tests do not reach the network for another).
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                              str(source)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q",
+                              *map(str, (tmp_path / "dist").glob("vggkit-*.whl"))], capture_output=True, text=True,
+                             timeout=300)
     assert install.returncode == 0, install.stderr
     shutil.rmtree(source)  # nothing may come from the source tree any more
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
