@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 from .checks import (check_choice, check_device, check_fraction, check_int, check_num_classes, check_positive,
                      check_side)
 from .configs import resolve
-from .checks import (check_choice, check_device, check_fraction, check_int, check_num_classes, check_positive,
-                     check_side)
 from .data import (EvalTransform, FolderScan, ImageListDataset, SeenFiles, TrainTransform, find_splits, report_skipped,
                    scan_folder)
 from .feature_cache import FeatureCache, FlipViews, remove_stale_caches
