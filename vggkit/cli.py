@@ -12,6 +12,7 @@ import argparse
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .checks import ArgumentError, argparse_type, check_fraction, check_int, check_positive, check_side, check_width
