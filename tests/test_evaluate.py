@@ -75,9 +75,10 @@ def test_class_heatmaps_are_probabilities_at_the_image_size():
     model = tiny_model(num_classes=4)
     image = noise_image(250, 330)
     maps = [class_heatmap(model, image, c, scales=(256, 288)) for c in range(4)]
-    assert all(m.shape == (250, 330) and m.dtype == np.float32 for m in maps)
+    # A tensor, like dense_predict's and class_score_maps' results.
+    assert all(isinstance(m, torch.Tensor) and m.shape == (250, 330) and m.dtype == torch.float32 for m in maps)
     # Softmax maps sum to one at every position; bilinear upsampling and averaging keep that.
-    np.testing.assert_allclose(np.sum(maps, axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(torch.stack(maps).sum(0).numpy(), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="class_index 4 is out of range for a 4-class model"):
         class_heatmap(model, image, 4)
 
@@ -93,7 +94,7 @@ def test_one_dense_pass_gives_the_prediction_and_every_heatmap():
     reference = np.mean([torch.nn.functional.interpolate(
         m.softmax(1)[:, 2].mean(0)[None, None], size=(240, 300), mode="bilinear", align_corners=False)[0, 0].numpy()
         for m in maps], axis=0)
-    np.testing.assert_allclose(class_heatmap(model, image, 2, scales=(256, 320)), reference, atol=1e-6)
+    np.testing.assert_allclose(class_heatmap(model, image, 2, scales=(256, 320)).numpy(), reference, atol=1e-6)
 
 
 def test_grid_crops_on_an_image_exactly_224_wide():

@@ -237,4 +237,4 @@ def test_cli_predict_reads_folders_and_rejects_what_is_not_a_checkpoint(photo_ru
         assert err.startswith("vggkit predict: error: ") and message in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["predict", str(photo_run.checkpoint), image, "-k", "0"])
-    assert "--top-k: must be at least 1" in capsys.readouterr().err
+    assert "--top-k: 0: must be at least 1" in capsys.readouterr().err

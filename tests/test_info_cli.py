@@ -36,14 +36,15 @@ def test_help_runs_as_a_module():
 
 
 def test_too_small_input_and_non_positive_width_are_one_line_errors(capsys):
-    assert main(["info", "vgg16", "--input-size", "10"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vggkit info: error: Input size 10 is too small") and "at least 32 px" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, with the same range the API checks
+        main(["info", "vgg16", "--input-size", "10"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.startswith("vggkit info: error: argument --input-size: 10: is too small")
+    assert "at least 32 px" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_:
         main(["info", "vgg16", "--width", "0"])
-    assert exit_.value.code == 2 and "--width: must be above 0" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="width must be above 0"):
+    assert exit_.value.code == 2 and "--width: 0: must be a channel multiplier" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="width=-1: must be a channel multiplier"):
         VGG("vgg11", width=-1)
 
 

@@ -219,7 +219,7 @@ def test_offline_timm_is_a_clear_error():
 
 
 def test_width_zero_is_refused_not_ignored():
-    with pytest.raises(ValueError, match="width must be above 0"):
+    with pytest.raises(ValueError, match="width=0: must be a channel multiplier"):
         vggkit.create_model("vgg11", width=0)
 
 

@@ -1,33 +1,52 @@
-"""vggkit: the VGG networks of Simonyan & Zisserman (2014) as a practical toolkit."""
+"""vggkit: the VGG networks of Simonyan & Zisserman (2014) as a practical toolkit.
 
-from .backbone import VGGBackbone, backbone
-from .configs import PAPER_PARAMETERS, list_models, resolve
-from .model import VGG, FullyConvVGG
-from .evaluate import evaluate
-from .extract import Features, extract_features, probe
-from .finetune import FinetuneResult, finetune
-from .predict import load, predict
-from .preprocess import Preprocess
-from .protocols import class_heatmap, class_score_maps, dense_predict
-from .runtime import optimize
-from .train import init_from, train
-from .receptive_field import effective_receptive_field, receptive_field
-from .weights import (
-    WeightsError,
-    WeightsUnavailableError,
-    count_parameters,
-    create_model,
-    export_state_dict,
-    save_checkpoint,
-)
+The public API is imported on first use (PEP 562), so ``import vggkit`` and the
+``vggkit`` command's ``--help`` answer without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "VGG", "FullyConvVGG", "VGGBackbone", "Preprocess", "WeightsError", "WeightsUnavailableError",
-    "PAPER_PARAMETERS", "backbone", "count_parameters", "create_model", "effective_receptive_field",
-    "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
-    "class_heatmap", "class_score_maps", "dense_predict", "evaluate",
-    "Features", "FinetuneResult", "extract_features", "finetune", "load", "predict", "probe",
-    "init_from", "train",
-]
+_EXPORTS = {  # public name -> the module that defines it
+    "VGG": "model", "FullyConvVGG": "model", "VGGBackbone": "backbone", "backbone": "backbone",
+    "PAPER_PARAMETERS": "configs", "list_models": "configs", "resolve": "configs",
+    "evaluate": "evaluate", "Features": "extract", "extract_features": "extract", "probe": "extract",
+    "FinetuneResult": "finetune", "finetune": "finetune", "load": "predict", "predict": "predict",
+    "Preprocess": "preprocess", "class_heatmap": "protocols", "class_score_maps": "protocols",
+    "dense_predict": "protocols", "optimize": "runtime", "init_from": "train", "train": "train",
+    "effective_receptive_field": "receptive_field", "receptive_field": "receptive_field",
+    "WeightsError": "weights", "WeightsUnavailableError": "weights", "count_parameters": "weights",
+    "create_model": "weights", "export_state_dict": "weights", "save_checkpoint": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vggkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``vggkit.train`` (and finetune, evaluate, ...) the function when its submodule is imported:
+    the import system binds a loaded submodule to the package attribute of the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -127,7 +127,7 @@ def backbone(name: str = "vgg16", layers: list[str] | tuple[str, ...] = ("conv3_
     # Random weights: lay the network out on the meta device, keep what the taps need, and
     # allocate and initialise only that (vgg16's conv3_3 taps: 1.7M of 138M parameters).
     with torch.device("meta"):
-        vgg = VGG(name, width=width or 1.0, init=init)
+        vgg = VGG(name, width=1.0 if width is None else width, init=init)
     fe = VGGBackbone(vgg, list(layers), pad_fc6=pad_fc6).to_empty(device="cpu")
     init_parameters(fe, init, linear_like=tuple(c for c in (fe.fc6, fe.fc7) if c is not None))
     fe.preprocess = IMAGENET

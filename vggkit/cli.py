@@ -1,16 +1,66 @@
 """The ``vggkit`` command: ``info | train | evaluate | finetune | extract | predict | bench``.
 
-Wiring only: each subcommand parses its arguments and calls the library.
+Wiring only: each subcommand parses its arguments and calls the library. The library
+(and PyTorch) is imported inside the handlers, so ``--help`` and ``--version`` answer at once.
+Ranges come from ``vggkit.checks``, shared with the Python API; its errors are shown here
+in the command line's spelling (``--width inf``, not ``width=inf``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
+from pathlib import Path
+
+from . import __version__
+from .checks import ArgumentError, argparse_type, check_fraction, check_int, check_positive, check_side, check_width
 
 DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit COMMAND --help' for a command's "
                "options and an example.")
+PROTOCOL_CHOICES = ("center", "dense", "multicrop", "dense+multicrop")  # vggkit.evaluate.PROTOCOLS, without torch
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+RELEASES = ("imagenet", "caffe", "timm")
+
+# Range-checked argument types: the same checks the API runs, refused while parsing (exit 2, before any work).
+positive_int = argparse_type(lambda v: check_int("value", v, 1), int)
+non_negative_int = argparse_type(lambda v: check_int("value", v, 0), int)
+positive_number = argparse_type(lambda v: check_positive("value", v))
+width_type = argparse_type(lambda v: check_width("width", v))
+side_type = argparse_type(lambda v: check_side("size", v), int)
+fraction_type = argparse_type(lambda v: check_fraction("val_fraction", v))
+positive_float = width_type  # the app's --width
+
+# API argument names that the command line spells differently.
+FLAGS = {"num_workers": "--workers", "workers": "--workers", "output_dir": "--output", "model_or_name": "--model",
+         "top_k": "--top-k", "data_dir": "DATA_DIR"}
+API_ARGUMENTS = ("weights", "width", "num_classes", "model", "image_size", "scales", "val_fraction", "patience",
+                 "epochs", "lr", "batch_size", "num_workers", "workers", "device", "output_dir", "layer",
+                 "strategy", "optimizer", "backbone_lr_scale", "unfreeze_blocks", "stop_after_steps", "top_k",
+                 "precision", "protocol", "head", "layout")
+_API_VALUE = re.compile(r"(?<![\w.\-])(" + "|".join(API_ARGUMENTS) + r")=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,;:)]+)")
+
+
+def flag_of(argument: str) -> str:
+    """The command-line spelling of an API argument: ``num_classes`` -> ``--num-classes``."""
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+def cli_voice(message: str) -> str:
+    """An API message in the command line's words: ``pass weights='x.pth'`` -> ``pass --weights x.pth``."""
+    def flag(match: re.Match) -> str:
+        value = match.group(2).strip("'\"")
+        return f"{flag_of(match.group(1))} {'none' if value == 'None' else value}"
+
+    spoken = _API_VALUE.sub(flag, message)
+    return re.sub(r"(--[\w-]+ [^\s()]+) \(\1\)", r"\1", spoken)  # "--model D (--model D)" once
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, ArgumentError) and "." not in error.argument:  # recipe keys keep their --set spelling
+        return f"{flag_of(error.argument)} {error.value}: {error.requirement}."
+    return cli_voice(str(error))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -46,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
                   if getattr(args, flag)]
     try:
         result = train(args.recipe, args.data, args.output, resume=args.resume, overrides=overrides + args.set,
-                       stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
+                       stop_after_steps=args.stop_after_steps or 0, progress=not args.no_progress)
     finally:
         cleanup_distributed()
     state = "finished" if result.completed else "stopped; continue with --resume"
@@ -57,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_model
 
-    model = load_model(args.model, _weights_arg(args.weights))
+    model = load_model(args.model, _weights_for(args.weights, args.model))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
                       device=args.device, predictions_csv=args.csv, progress=not args.no_progress)
@@ -67,21 +117,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights_arg(value: str | None):
-    """``none`` on the command line means random initialisation."""
-    return None if value is None or value.lower() == "none" else value
+def _weights_for(weights: str | None, model: str | None = None):
+    """``--weights`` as the API takes it. Left out: imagenet for a model name, a checkpoint's own weights
+    for a checkpoint file (the same for evaluate, extract and finetune); ``none``: random initialisation."""
+    from .paths import looks_like_a_path
+
+    is_file = model is not None and (Path(model).exists() or looks_like_a_path(model))
+    if weights is None:
+        return None if is_file else "imagenet"
+    if is_file:
+        raise ValueError(f"{model} is a checkpoint file and brings its own weights; leave out --weights "
+                         f"(it applies to a model name such as vgg16).")
+    return None if weights.lower() == "none" else weights
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
-    result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_arg(args.weights),
+    result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_for(args.weights),
                       head=args.head, strategy=args.strategy, unfreeze_blocks=args.unfreeze_blocks,
                       epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       backbone_lr_scale=args.backbone_lr_scale, width=args.width, image_size=args.image_size,
                       val_fraction=args.val_fraction, patience=args.patience,
                       cache_features=False if args.no_cache else args.cache, output_dir=args.output,
-                      seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress)
+                      seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress,
+                      log_epochs=True)
     metrics = result.metrics
     from .data import display_name
 
@@ -101,7 +161,7 @@ def _extract(args: argparse.Namespace) -> int:
     images = args.images[0] if len(args.images) == 1 else args.images
     features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
                                 reduce=None if args.reduce == "none" else args.reduce,
-                                pool=None if args.maps else "avg", weights=_weights_arg(args.weights),
+                                pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
                                 width=args.width, batch_size=args.batch_size, precision=args.precision,
                                 device=args.device, num_workers=args.workers, progress=not args.no_progress)
     path = features.save(args.output)
@@ -140,22 +200,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+def _app(args: argparse.Namespace) -> int:
+    from .app_main import run_app
 
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 (a channel multiplier such as 0.25 or 1.0), got {text}")
-    return value
+    app_args = args.app_args[1:] if args.app_args[:1] == ["--"] else args.app_args  # main() put the "--" there
+    return run_app(app_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vggkit", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="layer table of a model: shapes, parameters, receptive fields, FLOPs",
@@ -164,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="examples: vggkit info vgg16 | vggkit info vgg19_bn --input-size 384 "
                                  "(the dense form) | vggkit info --runtime")
     info.add_argument("model", nargs="?", help="model name, e.g. vgg16, D, vgg19_bn (default vgg16)")
-    info.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default 224)")
-    info.add_argument("--width", type=positive_float, default=1.0, help="channel multiplier (default 1.0)")
+    info.add_argument("--input-size", type=side_type, default=224,
+                      help="square input side in pixels, 32 to 2048 (default 224)")
+    info.add_argument("--width", type=width_type, default=1.0, help="channel multiplier (default 1.0)")
     info.add_argument("--runtime", action="store_true", help="print the device/precision vggkit will use")
     info.set_defaults(handler=_info)
 
@@ -194,28 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pt")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value (repeatable), e.g. --set optim.lr=0.001")
-    train.add_argument("--epochs", type=int, help="schedule.epochs")
-    train.add_argument("--lr", type=float, help="optim.lr")
-    train.add_argument("--batch-size", type=int, help="optim.batch_size: the global batch")
-    train.add_argument("--max-batch-per-gpu", type=int,
+    train.add_argument("--epochs", type=positive_int, help="schedule.epochs")
+    train.add_argument("--lr", type=positive_number, help="optim.lr")
+    train.add_argument("--batch-size", type=positive_int, help="optim.batch_size: the global batch")
+    train.add_argument("--max-batch-per-gpu", type=non_negative_int,
                        help="run.max_batch_per_gpu: micro-batch limit; gradients are accumulated above it")
-    train.add_argument("--workers", type=int, help="data.workers: DataLoader processes per GPU")
+    train.add_argument("--workers", type=non_negative_int, help="data.workers: DataLoader processes per GPU")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="run.precision")
     train.add_argument("--device", help="run.device, e.g. cpu (default: cuda:LOCAL_RANK where there is a GPU)")
     train.add_argument("--compile", action="store_true",
                        help="run.compile=true: compile the training step (default 'auto': on CUDA, long runs)")
     train.add_argument("--gpu-decode", action="store_true", help="data.gpu_decode: decode JPEGs on the GPU")
-    train.add_argument("--checkpoint-every", type=int, help="run.checkpoint_every: also checkpoint every N steps")
-    train.add_argument("--max-steps", type=int, help="schedule.max_steps: end the run after N optimizer steps")
+    train.add_argument("--checkpoint-every", type=non_negative_int, help="run.checkpoint_every: also checkpoint every N steps")
+    train.add_argument("--max-steps", type=non_negative_int, help="schedule.max_steps: end the run after N optimizer steps")
     train.add_argument("--seed", type=int, help="run.seed")
-    train.add_argument("--stop-after-steps", type=int, default=0, metavar="N",
+    train.add_argument("--stop-after-steps", type=positive_int, metavar="N",
                        help="stop this invocation after N steps with a checkpoint, to --resume later "
                             "(time-limited jobs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--list-recipes", action="store_true", help="print the shipped recipe names and exit")
     train.set_defaults(handler=_train)
-
-    from .evaluate import PROTOCOLS
 
     evaluate = sub.add_parser(
         "evaluate", help="top-1/top-5 errors with the paper's test protocols (section 3.2, Tables 3-5)",
@@ -232,18 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
                "--protocol dense multicrop dense+multicrop --scales 256 384 512")
     evaluate.add_argument("--model", required=True,
                           help="model name (vgg16, D, vgg19_bn, ...) or a vggkit checkpoint file")
-    evaluate.add_argument("--weights", help="imagenet, caffe, timm, a weights file or none (random init), "
-                                            "with a model name")
+    evaluate.add_argument("--weights", help="for a model name: imagenet (default), caffe, timm, a weight file, or "
+                                            "none (random init); a checkpoint brings its own")
     evaluate.add_argument("--data", required=True, metavar="VAL_DIR", help="class-folder dataset to evaluate on")
     evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P",
-                          choices=PROTOCOLS,
+                          choices=PROTOCOL_CHOICES,
                           help="one or more of center, dense, multicrop, dense+multicrop (default dense)")
-    evaluate.add_argument("--scales", nargs="+", type=int, default=[256, 384, 512], metavar="Q",
+    evaluate.add_argument("--scales", nargs="+", type=side_type, default=[256, 384, 512], metavar="Q",
                           help="test scales Q, shortest side in pixels, >= 224 (default 256 384 512)")
     evaluate.add_argument("--no-flip", action="store_true", help="leave out the horizontally flipped images")
-    evaluate.add_argument("--batch-size", type=int, default=50, help="crops per forward pass (default 50)")
-    evaluate.add_argument("--workers", type=int, help="image decoding processes (default: CPU count, at most 8)")
-    evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    evaluate.add_argument("--batch-size", type=positive_int, default=50, help="crops per forward pass (default 50)")
+    evaluate.add_argument("--workers", type=non_negative_int, help="image decoding processes (default: CPU count, at most 8)")
+    evaluate.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                           help="auto: bf16 where the hardware runs it fast, else fp32")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     evaluate.add_argument("--csv", metavar="PRED.csv", help="write every image's top-5 per protocol to this CSV")
@@ -264,33 +317,41 @@ def build_parser() -> argparse.ArgumentParser:
                "  vggkit finetune shapes/ --weights none --model vgg11_bn --width 0.0625 --image-size 64 "
                "--strategy full --optimizer adamw")
     finetune.add_argument("data_dir", metavar="DATA_DIR", help="class folders, or train/ val/ [test/] of them")
-    finetune.add_argument("--num-classes", type=int, help="must match the class folders (default: as found)")
+    finetune.add_argument("--num-classes", type=positive_int, help="must match the class folders (default: as found)")
     finetune.add_argument("--model", default="vgg16", help="model name (default vgg16)")
-    finetune.add_argument("--weights", default="imagenet",
-                          help="imagenet (default), caffe, timm, none (random init) or a weight file")
+    finetune.add_argument("--weights", help="imagenet (default), caffe, timm, a weight file, or none (random init: "
+                                            "then --strategy full --optimizer adamw --backbone-lr-scale 1 unless given)")
     finetune.add_argument("--head", default="vgg", choices=("vgg", "linear", "mlp"), help="classifier head")
-    finetune.add_argument("--strategy", default="head", choices=("head", "partial", "full"),
-                          help="what trains: the head only (default), the last conv blocks too, or everything")
-    finetune.add_argument("--unfreeze-blocks", type=int, default=2, help="conv blocks trained by --strategy partial")
-    finetune.add_argument("--epochs", type=int, default=20, help="at most this many epochs (default 20)")
-    finetune.add_argument("--patience", type=int, default=5,
+    finetune.add_argument("--strategy", choices=("head", "partial", "full"),
+                          help="what trains: the head only (default with pretrained weights), the last conv blocks "
+                               "too, or everything (default with --weights none)")
+    finetune.add_argument("--unfreeze-blocks", type=positive_int, default=2, help="conv blocks trained by --strategy partial")
+    finetune.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs (default 20)")
+    finetune.add_argument("--patience", type=positive_int, default=5,
                           help="stop after this many epochs without better validation accuracy (default 5)")
-    finetune.add_argument("--batch-size", type=int, default=32)
-    finetune.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    finetune.add_argument("--lr", type=float, help="head learning rate (default 0.01 for sgd, 0.001 for adamw)")
-    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1,
-                          help="conv layers train at lr times this (default 0.1)")
-    finetune.add_argument("--width", type=positive_float, help="channel multiplier, for models trained from scratch")
-    finetune.add_argument("--image-size", type=int, help="square training crop in pixels (default: the weights', 224)")
-    finetune.add_argument("--val-fraction", type=float, default=0.2, help="validation share without val/ (0.2)")
+    finetune.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default 32)")
+    finetune.add_argument("--optimizer", choices=("sgd", "adamw"),
+                          help="sgd with momentum 0.9 (default with pretrained weights) or adamw (default with "
+                               "--weights none)")
+    finetune.add_argument("--lr", type=positive_number,
+                          help="head learning rate (default 0.01 for sgd, 0.001 for adamw)")
+    finetune.add_argument("--backbone-lr-scale", type=positive_number,
+                          help="conv layers train at lr times this (default 0.1; 1 with --weights none)")
+    finetune.add_argument("--width", type=width_type, help="channel multiplier, for models trained from scratch "
+                                                           "(1/64 to 4; default 1)")
+    finetune.add_argument("--image-size", type=side_type,
+                          help="square training crop in pixels, 32 to 2048 (default: the weights', 224)")
+    finetune.add_argument("--val-fraction", type=fraction_type, default=0.2,
+                          help="validation share per class without val/, between 0 and 1 (default 0.2)")
     finetune.add_argument("--cache", default="auto", choices=("auto", "memory", "disk"),
                           help="where frozen-backbone features are kept (auto: memory up to 2 GiB, else disk)")
     finetune.add_argument("--no-cache", action="store_true", help="recompute the frozen backbone every epoch")
     finetune.add_argument("--output", help="output folder (default vggkit_runs/<data>-<model>)")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    finetune.add_argument("--seed", type=int, default=0,
+                          help="seed of the split, the initialisation and the batch order (default 0)")
+    finetune.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
     finetune.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
-    finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bars (the epoch lines stay)")
     finetune.set_defaults(handler=_finetune)
 
     extract = sub.add_parser(
@@ -307,19 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a folder of class folders (labels from them), a folder of images, or image files")
     extract.add_argument("-o", "--output", default="features.npz", help="output .npz (default features.npz)")
     extract.add_argument("--model", default="vgg16", help="model name or a vggkit checkpoint (default vgg16)")
-    extract.add_argument("--weights", default="imagenet", help="for a model name: imagenet, caffe, timm, none, file")
-    extract.add_argument("--width", type=positive_float, help="channel multiplier (random-init models)")
+    extract.add_argument("--weights", help="for a model name: imagenet (default), caffe, timm, a weight file, or none "
+                                           "(random init from a fixed seed); a checkpoint brings its own")
+    extract.add_argument("--width", type=width_type, help="channel multiplier of a model name (1/64 to 4; "
+                                                          "default 1); a checkpoint brings its own")
     extract.add_argument("--layer", default="fc7", help="named layer (default fc7)")
-    extract.add_argument("--scales", nargs="+", type=int, default=[256], metavar="Q",
-                         help="shortest image side(s) in pixels (default 256)")
+    extract.add_argument("--scales", nargs="+", type=side_type, default=[256], metavar="Q",
+                         help="shortest image side(s) in pixels, 32 to 2048; fc6-fc8 need 224 or more (default 256)")
     extract.add_argument("--flip", action="store_true", help="average with the mirror image")
     extract.add_argument("--reduce", default="mean", choices=("mean", "stack", "none"),
-                         help="combine scales: average, concatenate, or keep (N, S, D)")
+                         help="combine scales: average (default), concatenate, or keep (N, S, D)")
     extract.add_argument("--maps", action="store_true", help="keep the spatial maps (one scale) instead of averaging")
-    extract.add_argument("--batch-size", type=int, default=16)
-    extract.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    extract.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    extract.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                         help="auto (default): bf16 where the hardware runs it fast, else fp32")
     extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
-    extract.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    extract.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.set_defaults(handler=_extract)
 
@@ -330,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: vggkit predict vggkit_runs/photos-vgg16/model.pth cat.jpg dog.png --top-k 2")
     predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a vggkit checkpoint (.pth)")
     predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders of them")
-    predict.add_argument("-k", "--top-k", type=_positive_int, default=5, help="how many classes to list (default 5)")
-    predict.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    predict.add_argument("-k", "--top-k", type=positive_int, default=5, help="how many classes to list (default 5)")
+    predict.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                         help="auto (default): bf16 where the hardware runs it fast, else fp32")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     predict.set_defaults(handler=_predict)
 
@@ -353,23 +418,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
     bench.set_defaults(handler=_bench)
 
-    # Further subcommands register here (train, evaluate, finetune, extract, predict, bench).
+    app = sub.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
+                         description="Start the vggkit app on 127.0.0.1 (python -m vggkit.app_main does the same). "
+                                     "Every option after 'app' goes to the app; 'vggkit app --help' lists them.",
+                         add_help=False)
+    app.add_argument("app_args", nargs=argparse.REMAINDER, help="the app's options: --port, --host, --model, "
+                                                                "--weights, --width")
+    app.set_defaults(handler=_app)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"]:  # every option after 'app' is the app's own, --help included
+        argv = ["app", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     show_warning = warnings.showwarning
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         # A warning reads like the errors: the command's name and the message, not vggkit's source line.
-        print(f"vggkit {args.command}: warning: {message}", file=sys.stderr if file is None else file)
+        print(f"vggkit {args.command}: warning: {cli_voice(str(message))}", file=sys.stderr if file is None else file)
 
     warnings.showwarning = one_line
     try:
         return args.handler(args)
     except (ValueError, OSError, RuntimeError) as error:  # OSError: FileNotFoundError, PermissionError, ...
-        print(f"vggkit {args.command}: error: {error}", file=sys.stderr)
+        print(f"vggkit {args.command}: error: {_error_text(error)}", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = show_warning

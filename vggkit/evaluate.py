@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .checks import RANDOM_INIT_SEED, check_int
 from .configs import resolve
 from .data import FolderScan, ImageError, load_image, report_skipped, scan_folder
 from .model import VGG
@@ -131,10 +132,9 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
         if weights is not None and str(weights).lower() not in RELEASE_NAMES:
             check_weights_name(weights)
         if weights is None:
-            warnings.warn(f"No weights given: evaluating a randomly initialised {model} "
-                          f"(pass weights='imagenet', 'caffe', 'timm' or a file; --weights on the command line).",
-                          stacklevel=2)
-        return create_model(str(model), weights=weights)
+            warnings.warn(f"Evaluating a randomly initialised {model} (seed {RANDOM_INIT_SEED}): its errors are "
+                          f"chance level. Pass weights='imagenet', 'caffe', 'timm' or a file.", stacklevel=2)
+        return create_model(str(model), weights=weights, seed=RANDOM_INIT_SEED if weights is None else None)
     check_checkpoint_file(path)
     if weights is not None:
         raise ValueError(f"{path} is a checkpoint file and brings its own weights; leave out the weights "
@@ -281,8 +281,9 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     """
     protocols = check_protocols(protocol)
     scales = check_scales(scales)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_int("batch_size", batch_size, 1)
+    if workers is not None:
+        check_int("workers", workers, 0)
     if predictions_csv is not None:
         writable_file(predictions_csv, example="predictions.csv")  # before the pass, not after it
     scan = match_classes(model, data_dir)
@@ -295,8 +296,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         preprocess = nets.preprocess
         views = ProtocolViews(scales if protocols != ["center"] else (),
                               preprocess if "center" in protocols else None)
-        # Centre crops batch across images; dense and multi-crop run image by image.
-        images_per_batch = batch_size if protocols == ["center"] else 4
+        # Centre crops batch across images; dense and multi-crop run image by image, so the bar moves per image.
+        images_per_batch = batch_size if protocols == ["center"] else 1
         loader = DataLoader(ViewsDataset(scan.samples, views), batch_size=images_per_batch, num_workers=workers,
                             collate_fn=as_list, pin_memory=nets.runtime.device.type == "cuda")
         k = min(TOP_K, nets.num_classes)

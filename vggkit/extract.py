@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbone import VGGBackbone
+from .checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from .data import EvalTransform, ImageError, SeenFiles, image_files, load_image, report_skipped, scan_folder
 from .model import VGG, check_layers
 from .paths import looks_like_a_path
@@ -166,7 +167,8 @@ def extract_features(
     maps (N, C, h, w): one scale, square crops (``crop`` defaults to the scale).
 
     ``model_or_name``: a VGG, a vggkit checkpoint path, or a model name built with ``weights``
-    (default ``"imagenet"``; offline that raises ``WeightsUnavailableError``).
+    (default ``"imagenet"``; offline that raises ``WeightsUnavailableError``; ``None``: random
+    weights from ``vggkit.checks.RANDOM_INIT_SEED``, the same network on every call).
     ``images_or_dir``: a folder of class folders (labels from the folders), a folder of
     images, or a list of files / PIL images / arrays. Unreadable images are skipped with
     one warning.
@@ -175,9 +177,9 @@ def extract_features(
         raise ValueError(f"Unknown reduce {reduce!r}; choose from {REDUCTIONS}.")
     if pool not in ("avg", None):
         raise ValueError(f"pool must be 'avg' (average over positions) or None (keep the maps), got {pool!r}.")
-    scales = tuple(int(s) for s in scales)
-    if not scales:
-        raise ValueError("scales must name at least one image scale Q, e.g. (256,).")
+    scales = tuple(check_sides("scales", scales))
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
     if pool is None:
         if len(scales) != 1:
             raise ValueError(f"Maps (pool=None) of different scales do not stack; give one scale, not {scales}.")
@@ -197,12 +199,15 @@ def extract_features(
 
     kept: list[int] = []
     outputs: list[np.ndarray] = []
-    for batch in tqdm(loader, desc=f"extract {layer}", disable=not progress):
+    bar = tqdm(total=len(sources), desc=f"extract {layer}", unit="image", disable=not progress)
+    for batch in loader:
         readable = [(i, views) for i, views in batch if not isinstance(views, str)]
         skipped += [(_describe(sources[i]), views) for i, views in batch if isinstance(views, str)]
         per_scale = [_run_grouped(fast, [views[s] for _, views in readable], flip, pool) for s in range(len(scales))]
         kept += [i for i, _ in readable]
         outputs += [np.stack([per_scale[s][k] for s in range(len(scales))]) for k in range(len(readable))]
+        bar.update(len(batch))  # images, not batches: a batch of 16 large images takes a while
+    bar.close()
     report_skipped(skipped)
     if not outputs:
         raise ValueError(f"None of the {len(sources)} image(s) given could be read; see the warning above.")
@@ -226,10 +231,15 @@ def _as_model(model_or_name, weights, width) -> VGG:
     if Path(str(model_or_name)).exists() or looks_like_a_path(model_or_name):
         from .predict import load
 
+        if width is not None:
+            raise ArgumentError("width", width, f"{model_or_name} is a checkpoint and brings its own width; "
+                                                f"leave the width out (it applies to a model name)")
         return load(model_or_name)
     from .weights import create_model
 
-    return create_model(str(model_or_name), weights=weights, width=width)
+    # Random weights from a fixed seed: train and test features from separate calls come from one network.
+    return create_model(str(model_or_name), weights=weights, width=width,
+                        seed=RANDOM_INIT_SEED if weights is None else None)
 
 
 @torch.no_grad()

@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checks import (check_choice, check_device, check_fraction, check_int, check_num_classes, check_positive,
+                     check_side)
 from .configs import resolve
 from .data import (EvalTransform, FolderScan, ImageListDataset, SeenFiles, TrainTransform, find_splits, report_skipped,
                    scan_folder)
 from .feature_cache import FeatureCache, FlipViews, remove_stale_caches
-from .heads import attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
+from .heads import STRATEGIES, attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode
 from .model import VGG
 from .paths import check_output_outside, check_weights_name, writable_folder
 from .predict import load
@@ -41,6 +43,10 @@ from .weights import checkpoint_metadata, create_model, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+# Defaults by where the backbone starts: pretrained features need only a head; random ones must all learn,
+# and SGD at 0.01 with the conv layers at a tenth of it barely moves a random network in a few epochs.
+PRETRAINED_DEFAULTS = {"strategy": "head", "optimizer": "sgd", "backbone_lr_scale": 0.1}
+RANDOM_INIT_DEFAULTS = {"strategy": "full", "optimizer": "adamw", "backbone_lr_scale": 1.0}
 Samples = list[tuple[str, int]]
 
 
@@ -382,6 +388,24 @@ def _trainable_state(model: VGG, frozen: int) -> dict[str, torch.Tensor]:
             if not (k.startswith("features.") and k.split(".")[1] in frozen_names)}
 
 
+def _training_defaults(weights, strategy: str | None, optimizer: str | None,
+                       backbone_lr_scale: float | None) -> tuple[str, str, float]:
+    """Fill what the caller left out: pretrained weights train a head, random weights train everything."""
+    given = {"strategy": strategy, "optimizer": optimizer, "backbone_lr_scale": backbone_lr_scale}
+    defaults = RANDOM_INIT_DEFAULTS if weights is None else PRETRAINED_DEFAULTS
+    chosen = {key: defaults[key] for key, value in given.items() if value is None}
+    if weights is None and chosen:
+        warnings.warn("Random weights: training with " + ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+                      + " (the defaults for random weights: a head on a frozen random backbone stays at chance, so the "
+                        "whole network trains).",
+                      stacklevel=3)
+    if weights is None and strategy == "head":
+        warnings.warn("strategy='head' with random weights trains a head on a frozen random backbone: expect "
+                      "chance-level accuracy. Use strategy='full' (the default with random weights).", stacklevel=3)
+    given.update(chosen)
+    return given["strategy"], given["optimizer"], float(given["backbone_lr_scale"])
+
+
 def finetune(
     data_dir: str | os.PathLike,
     num_classes: int | None = None,
@@ -389,13 +413,13 @@ def finetune(
     model: str = "vgg16",
     weights: str | os.PathLike | None = "imagenet",
     head: str = "vgg",
-    strategy: str = "head",
+    strategy: str | None = None,
     unfreeze_blocks: int = 2,
     epochs: int = 20,
     batch_size: int = 32,
-    optimizer: str = "sgd",
+    optimizer: str | None = None,
     lr: float | None = None,
-    backbone_lr_scale: float = 0.1,
+    backbone_lr_scale: float | None = None,
     weight_decay: float = 5e-4,
     dropout: float = 0.5,
     hidden: int = 512,
@@ -411,6 +435,7 @@ def finetune(
     device: str | torch.device | None = None,
     verify_images: bool = True,
     progress: bool = True,
+    log_epochs: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune a VGG on ``data_dir`` (class folders, or ``train/``/``val/``[``/test/``] of class folders).
 
@@ -420,15 +445,37 @@ def finetune(
     ``strategy``: ``"head"`` (frozen backbone; its features cached when ``cache_features``
     is True/``"memory"``/``"disk"``), ``"partial"`` (the last ``unfreeze_blocks`` conv
     blocks train too) or ``"full"``; conv layers train at ``lr * backbone_lr_scale``.
+    Left out, ``strategy``, ``optimizer`` and ``backbone_lr_scale`` are ``"head"``, ``"sgd"``,
+    0.1 with pretrained weights and ``"full"``, ``"adamw"``, 1.0 with ``weights=None`` (a
+    frozen random backbone cannot learn); the choice is reported in a warning.
     ``image_size`` sets the square training crop (default: the weights' own, 224) and
     ``width`` the channel multiplier. Training stops after ``patience`` epochs without a
-    better validation accuracy and keeps the best epoch. Writes ``model.pth``,
-    ``training_curves.png`` and ``confusion_matrix.png`` to ``output_dir``.
+    better validation accuracy and keeps the best epoch (of equal accuracies, the lowest
+    validation loss). One line per epoch is printed when ``log_epochs`` (default: ``progress``).
+    Writes ``model.pth``, ``training_curves.png`` and ``confusion_matrix.png`` to ``output_dir``.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; choose from {OPTIMIZERS}.")
+    if optimizer is not None:
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+    if strategy is not None:
+        check_choice("strategy", strategy, STRATEGIES)
     if cache_features not in (True, False, "auto", "memory", "disk"):
         raise ValueError(f"cache_features must be True, False, 'memory' or 'disk', got {cache_features!r}.")
+    if num_classes is not None:
+        check_num_classes("num_classes", num_classes, minimum=2)
+    for name, value, minimum in (("epochs", epochs, 1), ("patience", patience, 1), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0), ("unfreeze_blocks", unfreeze_blocks, 1)):
+        check_int(name, value, minimum)
+    if lr is not None:
+        check_positive("lr", lr)
+    if backbone_lr_scale is not None:
+        check_positive("backbone_lr_scale", backbone_lr_scale)
+    check_fraction("val_fraction", val_fraction)
+    if image_size is not None:
+        check_side("image_size", image_size)
+    if device is not None:
+        check_device("device", device)
+    log_epochs = progress if log_epochs is None else log_epochs
+    strategy, optimizer, backbone_lr_scale = _training_defaults(weights, strategy, optimizer, backbone_lr_scale)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -439,6 +486,9 @@ def finetune(
     writable_folder(output_dir)  # before training, not when saving its result
     report_skipped(splits.skipped)
     num_classes = len(splits.classes)
+    if num_classes < 2:
+        raise ValueError(f"{data_dir} holds one class folder ({splits.classes[0]}): a classifier learns to tell at "
+                         f"least two classes apart. Add a folder of images of another class.")
 
     net = build_model(model, weights, num_classes, head, width, dropout, hidden, image_size)
     net.class_names = list(splits.classes)
@@ -465,8 +515,10 @@ def finetune(
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    # The paper's schedule: divide the learning rate by 10 when validation accuracy stops improving.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1,
+    # The paper's schedule, divide the learning rate by 10 when validation stops improving, on the
+    # validation loss: on a small validation set the accuracy stays flat for epochs while a network
+    # from random weights is still learning, and dividing then leaves it at chance.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                            patience=max(1, patience // 2))
     generator = torch.Generator().manual_seed(seed)
 
@@ -490,17 +542,17 @@ def finetune(
             seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
             history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                             "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
-            if progress:
+            if log_epochs:
                 tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
                            f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
-            key = (val_acc, -val_loss)
-            if best_key is None or key > best_key:
-                best_key, best_epoch, best_state, stale = key, epoch, _trainable_state(net, frozen), 0
-            else:
-                stale += 1
+            # Patience counts epochs without a better accuracy (as --patience says); among equal
+            # accuracies the kept state is the one with the lowest validation loss.
+            stale = 0 if best_key is None or val_acc > best_key[0] else stale + 1
+            if best_key is None or (val_acc, -val_loss) > best_key:
+                best_key, best_epoch, best_state = (val_acc, -val_loss), epoch, _trainable_state(net, frozen)
             if stale >= patience:
                 break
-            scheduler.step(val_acc)
+            scheduler.step(val_loss)
         net.load_state_dict(best_state, strict=False)
         net.eval()
         split = "test" if inputs.test is not None else "val"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_num_classes, check_width
 from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, ModelSpec, layer_names, resolve
 
 FC_HIDDEN = 4096
@@ -103,8 +104,8 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = resolve(name)
-        if not width > 0:
-            raise ValueError(f"width must be above 0 (a channel multiplier such as 0.25 or 1.0), got {width}.")
+        width = check_width("width", width)
+        check_num_classes("num_classes", num_classes)
         self.num_classes = num_classes
         self.dropout = dropout
         self.width = width

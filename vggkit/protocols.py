@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
+from .checks import check_side
 from .data import grid_offsets, load_image, rescale_shortest
 from .data import rescaled_size as data_rescaled_size
 from .model import VGG, FullyConvVGG
@@ -137,7 +138,7 @@ def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
         if not isinstance(scale, (int, np.integer)) or scale < CROP:
             raise ValueError(f"Test scale Q={scale!r} must be an integer >= {CROP} "
                              f"(the shortest side must hold a {CROP} px crop).")
-    return tuple(int(s) for s in scales)
+    return tuple(check_side("scales", int(s)) for s in scales)
 
 
 def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
@@ -300,8 +301,9 @@ def class_score_maps(model: nn.Module, image: ImageSource, scale: int = 384, fli
 
 
 def class_heatmap(model: nn.Module, image: ImageSource, class_index: int, scales: int | Sequence[int] = (384,),
-                  flip: bool = True) -> np.ndarray:
-    """Where one class is seen: float32 array (H, W) at the original image's size, values in [0, 1].
+                  flip: bool = True) -> torch.Tensor:
+    """Where one class is seen: float32 CPU tensor (H, W) at the original image's size, values in [0, 1]
+    (a tensor like every other prediction function's result; ``.numpy()`` for an overlay).
 
     Per Q the class's softmax-probability map (averaged with the flipped-back mirror
     image's when ``flip``), upsampled bilinearly to the image, then averaged over Q.
@@ -310,7 +312,8 @@ def class_heatmap(model: nn.Module, image: ImageSource, class_index: int, scales
     num_classes = as_vgg(model).num_classes
     if not 0 <= class_index < num_classes:
         raise ValueError(f"class_index {class_index} is out of range for a {num_classes}-class model.")
-    return heatmap_from_maps(dense_score_maps(model, image, scales, flip), class_index, (image.height, image.width))
+    return torch.from_numpy(heatmap_from_maps(dense_score_maps(model, image, scales, flip), class_index,
+                                              (image.height, image.width)))
 
 
 # --------------------------------------------------------------------------- cost

@@ -21,7 +21,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "imagenet"
+# An installed package carries the recipes inside it (pyproject maps recipes/ to vggkit/recipes/);
+# a clone has only the top-level recipes/ that users read and edit.
+_PACKAGE = Path(__file__).resolve().parent
+RECIPE_DIR = next((d for d in (_PACKAGE / "recipes" / "imagenet", _PACKAGE.parent / "recipes" / "imagenet")
+                   if d.is_dir()), _PACKAGE.parent / "recipes" / "imagenet")
 INIT_METHODS = ("paper", "glorot", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -144,6 +148,7 @@ class Recipe:
 
     def validate(self, source: str = "recipe") -> None:
         """Values that parse but make no sense: a ``ValueError`` naming the key and the fix."""
+        from .checks import ArgumentError, check_positive, check_side, check_width
         from .configs import resolve
 
         def fail(key: str, message: str) -> None:
@@ -168,9 +173,17 @@ class Recipe:
             fail("data.scale", f"S={self.scale_range[0]} is smaller than the {self.data.crop} px crop")
         if self.data.val_scale < self.data.crop:
             fail("data.val_scale", f"Q={self.data.val_scale} is smaller than the {self.data.crop} px crop")
-        positive = {"model.num_classes": self.model.num_classes, "model.width": self.model.width,
-                    "data.crop": self.data.crop, "optim.batch_size": self.optim.batch_size,
-                    "optim.lr": self.optim.lr, "schedule.epochs": self.schedule.epochs}
+        # The ranges the API and the CLI share (vggkit.checks), under the recipe's key names.
+        try:
+            check_width("model.width", self.model.width)
+            check_positive("optim.lr", self.optim.lr)
+            check_side("data.crop", self.data.crop)
+            for scale in self.scale_range + (self.data.val_scale,):
+                check_side("data.scale" if scale != self.data.val_scale else "data.val_scale", scale)
+        except ArgumentError as error:
+            fail(error.argument, f"{error.requirement}, got {error.value}")
+        positive = {"model.num_classes": self.model.num_classes, "optim.batch_size": self.optim.batch_size,
+                    "schedule.epochs": self.schedule.epochs}
         for key, value in positive.items():
             if value <= 0:
                 fail(key, f"must be positive, got {value}")

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint_io import atomic_write_text, read_training_state, remove_stale_temps
+from .checks import check_device, check_int
 from .data import (EvalTransform, ImageListDataset, SeenFiles, TrainTransform, class_folders, find_splits,
                    report_skipped, scan_folder)
 from .model import VGG
@@ -316,8 +317,9 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     with ``resume=True`` it may be None: the run's own recipe is read from ``last.pt``.
     ``overrides``: ``section.key=value`` strings applied on top. ``stop_after_steps``:
     end this invocation after that many optimizer steps with a checkpoint, to be
-    resumed later (time-limited cluster jobs). Under torchrun, every process calls this.
+    resumed later (time-limited cluster jobs; 0: no such stop). Under torchrun, every process calls this.
     """
+    check_int("stop_after_steps", stop_after_steps, 0)
     # ---- where the run lives, what it trains on, which recipe
     if recipe is None and not resume:
         raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
@@ -336,6 +338,8 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
                          f"model.num_classes is {recipe.model.num_classes}; "
                          f"pass --set model.num_classes={len(train_scan.classes)} or fix the data.")
 
+    if recipe.run.device:
+        check_device("run.device", recipe.run.device)  # before any process group is set up on it
     dist = setup_distributed(recipe.run.device)
     steps_per_epoch = len(train_scan.samples) // recipe.optim.batch_size
     if steps_per_epoch == 0:
@@ -405,7 +409,10 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     if dist.is_main:
         how = " ".join([dist.device.type, runtime.precision] + ["channels_last"] * recipe.run.channels_last
                        + ["compiled"] * runtime.compile)
-        print(f"vggkit train: {recipe.name or recipe.model.name}, {len(train_scan.samples)} train / "
+        s_min, s_max = recipe.scale_range
+        scale = f"S = {s_min}" if s_min == s_max else f"S = [{s_min}, {s_max}]"  # as run, after any --set
+        print(f"vggkit train: {recipe.name or recipe.model.name} ({recipe.model.name}, {scale}, crop "
+              f"{recipe.data.crop}), {len(train_scan.samples)} train / "
               f"{len(val_scan.samples)} val images, {len(train_scan.classes)} classes; {dist.world_size} "
               f"process(es) on {how}; batch {recipe.optim.batch_size} = {dist.world_size} x "
               f"{accumulation} x {micro_batch}; {steps_per_epoch} steps/epoch"
@@ -547,7 +554,8 @@ def compile_step(recipe: Recipe, device: torch.device, steps_per_epoch: int) -> 
 
 def target_gap(recipe: Recipe, metrics: dict) -> dict:
     """How far the validation errors are from the paper's (percentage points; positive = worse)."""
-    if not recipe.target.top1_error:
+    # The paper's errors are ImageNet's: a run on other data (another class count) is not comparable.
+    if not recipe.target.top1_error or recipe.model.num_classes != 1000:
         return {}
     return {"top1_gap": metrics["val_top1_error"] - recipe.target.top1_error,
             "top5_gap": metrics["val_top5_error"] - recipe.target.top5_error}

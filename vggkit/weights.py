@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint_io import WeightsError, atomic_save, check_finite, check_metadata, read_checkpoint
+from .checks import check_choice
 from .configs import resolve
 from .model import VGG
 from .preprocess import CAFFE, IMAGENET, Preprocess
@@ -355,6 +356,8 @@ def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = No
     Sets ``model.preprocess`` and ``model.weights_info``. A published release given
     to a model with another class count keeps everything but a fresh fc8.
     """
+    if layout is not None:
+        check_choice("layout", layout, LAYOUTS)
     if _is_release(weights):
         state, preprocess, info = _read_release(model.name, weights.lower(), progress)
         return _apply(model, state, {}, preprocess, info, layout, fresh_fc8=model.num_classes != 1000)
@@ -377,18 +380,25 @@ def _guess_metadata(state: dict) -> dict:
 
 def create_model(name: str | None = None, weights: str | os.PathLike | None = None,
                  num_classes: int | None = None, dropout: float = 0.5, width: float | None = None,
-                 init: str = "kaiming", layout: str | None = None, progress: bool = True) -> VGG:
+                 init: str = "kaiming", layout: str | None = None, progress: bool = True,
+                 seed: int | None = None) -> VGG:
     """Build a VGG of Table 1 and optionally load weights into it.
 
     ``weights``: None (random ``init``), ``"imagenet"`` (torchvision's release),
     ``"caffe"`` (the original release, vgg16/vgg19), ``"timm"``, or a path to a file in
     any known layout. ``name``, ``num_classes`` and ``width`` default to the file's own
     (vggkit checkpoints), else ``"vgg16"``, 1000 and 1.0. Returns an ordinary float32 ``nn.Module`` with
-    ``.preprocess`` set to the weights' input transform.
+    ``.preprocess`` set to the weights' input transform. ``seed``: random init from this seed
+    (the same network on every call; the global RNG is left as it was), else from the global RNG.
     """
+    if layout is not None:
+        check_choice("layout", layout, LAYOUTS)
     if weights is None:
-        model = VGG(name or "vgg16", num_classes=num_classes or 1000, dropout=dropout,
-                    width=1.0 if width is None else width, init=init)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = VGG(name or "vgg16", num_classes=1000 if num_classes is None else num_classes,
+                        dropout=dropout, width=1.0 if width is None else width, init=init)
         model.preprocess = IMAGENET
         return model
     if _is_release(weights):
@@ -404,7 +414,7 @@ def create_model(name: str | None = None, weights: str | os.PathLike | None = No
         dropout = meta.get("dropout", dropout)
     # Built on the meta device: every tensor is about to be overwritten, so skip the random init.
     with torch.device("meta"):
-        model = VGG(name, num_classes=num_classes or 1000, dropout=dropout,
+        model = VGG(name, num_classes=1000 if num_classes is None else num_classes, dropout=dropout,
                     width=1.0 if width is None else width, init=init)
     model.to_empty(device="cpu")
     fresh_fc8 = _is_release(weights) and model.num_classes != 1000
