@@ -60,7 +60,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, _weights_arg(args.weights))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress)
+                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress,
+                      decode=args.decode)
     print(result.table())
     if result.predictions_csv:
         print(f"\nPer-image predictions: {result.predictions_csv}")
@@ -94,7 +95,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .extract import extract_features
+    from .extract import extract_features, summarise_names
     from .paths import writable_file
 
     writable_file(args.output, example="features.npz")
@@ -103,10 +104,11 @@ def _extract(args: argparse.Namespace) -> int:
                                 reduce=None if args.reduce == "none" else args.reduce,
                                 pool=None if args.maps else "avg", weights=_weights_arg(args.weights),
                                 width=args.width, batch_size=args.batch_size, precision=args.precision,
-                                device=args.device, num_workers=args.workers, progress=not args.no_progress)
+                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
+                                decode=args.decode)
     path = features.save(args.output)
     print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
-          + (f", classes: {', '.join(features.class_names)}" if features.class_names else ""))
+          + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
     return 0
 
 
@@ -241,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scales", nargs="+", type=int, default=[256, 384, 512], metavar="Q",
                           help="test scales Q, shortest side in pixels, >= 224 (default 256 384 512)")
     evaluate.add_argument("--no-flip", action="store_true", help="leave out the horizontally flipped images")
-    evaluate.add_argument("--batch-size", type=int, default=50, help="crops per forward pass (default 50)")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="crops per forward pass and images per window (default 256 on a GPU, 50 on the CPU)")
+    evaluate.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+                          help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
+                               "auto: device on a GPU, else pil")
     evaluate.add_argument("--workers", type=int, help="image decoding processes (default: CPU count, at most 8)")
     evaluate.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                           help="auto: bf16 where the hardware runs it fast, else fp32")
@@ -320,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     extract.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
+    extract.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+                         help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
+                              "auto: device on a GPU, else pil")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.set_defaults(handler=_extract)
 
