@@ -190,7 +190,7 @@ def test_device_decode_gives_the_pil_features_and_skips_the_same_files(model, ph
                                             decode=decode, progress=False, batch_size=4, **FP32_CPU)
     pil, device = runs["pil"], runs["device"]
     assert device.paths == pil.paths and device.labels.tolist() == pil.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
-    assert device.features.shape == pil.features.shape == (7, 128)
+    assert device.features.shape == pil.features.shape == (7, 256)
     np.testing.assert_allclose(device.features, pil.features, atol=2e-3)  # unit vectors; pixels within 1 level
     with pytest.raises(ValueError, match="Unknown decode 'gpu'"):
         extract_features(model, data, decode="gpu", progress=False)
