@@ -75,7 +75,8 @@ class InferenceNetworks:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised crops (N, 3, 224, 224) -> float32 logits (N, classes)."""
         with torch.inference_mode():
-            return (self.run_classifier or self.classifier)(self.runtime.input(x)).float()
+            classifier = self.classifier if self.run_classifier is None else self.run_classifier
+            return classifier(self.runtime.input(x)).float()
 
     def require_dense(self) -> FullyConvVGG:
         """The fully-convolutional form, or a clear error for a model without the paper's head."""
@@ -86,7 +87,7 @@ class InferenceNetworks:
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
-        dense = self.run_dense or self.require_dense()
+        dense = self.require_dense() if self.run_dense is None else self.run_dense
         with torch.inference_mode():
             return dense(self.runtime.input(x)).float()
 
