@@ -96,3 +96,16 @@ def test_nvjpeg_decodes_and_rescales_on_the_gpu_close_to_pil(jpegs):
         ours, theirs = resize_shortest(image[None], 256)[0].cpu(), rescaled_view(load_image(path), 256)
         difference = (ours.int() - theirs.int()).abs().float()
         assert difference.mean() < 1.5, path.name  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
+
+
+def test_a_rescaled_size_over_the_pixel_limit_gets_the_pil_paths_reason(jpegs, monkeypatch):
+    from vggkit.data import ImageError, rescale_shortest
+
+    monkeypatch.setenv("VGGKIT_MAX_PIXELS", str(400 * 400))  # 500x375 fits; rescaled to 512 it does not
+    path = jpegs["photo"]
+    image, = decode_on_device([read_source(path)], [path], "cpu", scales=(256,))
+    assert image.shape == (3, 375, 500)
+    reason, = decode_on_device([read_source(path)], [path], "cpu", scales=(256, 512))
+    with pytest.raises(ImageError) as pil_error:
+        rescale_shortest(load_image(path), 512)
+    assert reason == pil_error.value.reason and "over the limit" in reason
