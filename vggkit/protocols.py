@@ -38,7 +38,7 @@ from .runtime import OptimizedModel, Runtime, optimize
 CROP = 224  # the training crop: fc6 sees exactly a 7x7 window of pool5
 GRID = 5  # multi-crop: a 5x5 grid of crops per scale
 PAPER_SCALES = (256, 384, 512)  # Q for scale-jittered training, S in [256, 512] (Tables 4 and 5)
-MAX_CROPS_HELD = 4096  # multi-crop: crops cut at once (uint8, 0.6 GB), whatever the number of images
+HELD_PASSES = 8  # multi-crop cuts the crops of 8 passes at once (uint8: 150 KB a crop), at least one image's
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -293,7 +293,7 @@ def multicrop_probabilities_batch(nets: InferenceNetworks, views: Sequence[Seque
     scale has the same number of crops, so the mean over all crops is the mean over Q.
     """
     scales, per_view = len(views[0]), GRID * GRID * (2 if flip else 1)
-    per_group = max(1, MAX_CROPS_HELD // (scales * per_view))
+    per_group = max(1, HELD_PASSES * batch_size // (scales * per_view))
     probabilities = []
     for first in range(0, len(views), per_group):
         group = views[first:first + per_group]
