@@ -47,6 +47,7 @@ PROTOCOL_TITLES = {"center": "centre crop", "dense": "dense", "multicrop": "mult
                    "dense+multicrop": "dense + multi-crop"}
 TOP_K = 5
 DECODERS = ("auto", "pil", "device")
+PIL_WINDOW = 16  # images per window on the PIL path for dense and multi-crop
 LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here: ~a minute of compiling pays back
 
 
@@ -318,7 +319,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     all computed in one pass. ``scales``: the test scales Q of dense and multi-crop
     (one int or several; softmax averaged over them). ``flip``: average in the mirror
     images. ``batch_size``: crops per forward pass (dense: as many images as hold that
-    many crops' pixels), and images per window that are batched together; default
+    many crops' pixels), and images per window that are batched together (at most
+    ``PIL_WINDOW`` where PIL workers make the dense and multi-crop views); default
     256 on a GPU, 50 on the CPU. The model runs as an inference copy under
     ``vggkit.runtime`` (``precision``, ``device``; ``compile="auto"`` compiles passes of
     ``LONG_JOB_IMAGES`` or more where that gains) with its own preprocessing; the model
@@ -349,9 +351,11 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         decode_here = decode == "device" or (decode == "auto" and on_device.type == "cuda")
         dataset = (EncodedDataset(scan.samples) if decode_here
                    else ViewsDataset(scan.samples, ProtocolViews(view_scales, center)))
-        # A window of batch_size images: centre crops, dense buckets of one size and multi-crop's crops
-        # batch across its images.
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=as_list,
+        # A window of images: centre crops, dense buckets of one size and multi-crop's crops batch across
+        # its images. batch_size of them where workers hold only files' bytes or centre crops; fewer where
+        # they hold every rescaled view (PIL: ~2 MB an image at three scales, prefetched by every worker).
+        window = batch_size if decode_here or protocols == ["center"] else min(batch_size, PIL_WINDOW)
+        loader = DataLoader(dataset, batch_size=window, num_workers=workers, collate_fn=as_list,
                             pin_memory=on_device.type == "cuda")
         k = min(TOP_K, nets.num_classes)
         tallies = {p: TopK(k) for p in protocols}
