@@ -101,7 +101,7 @@ def test_nvjpeg_decodes_and_rescales_on_the_gpu_close_to_pil(jpegs):
 def test_a_rescaled_size_over_the_pixel_limit_gets_the_pil_paths_reason(jpegs, monkeypatch):
     from vggkit.data import ImageError, rescale_shortest
 
-    monkeypatch.setenv("VGGKIT_MAX_PIXELS", str(400 * 400))  # 500x375 fits; rescaled to 512 it does not
+    monkeypatch.setenv("VGGKIT_MAX_PIXELS", "300000")  # 500x375 and 341x256 fit; 682x512 does not
     path = jpegs["photo"]
     image, = decode_on_device([read_source(path)], [path], "cpu", scales=(256,))
     assert image.shape == (3, 375, 500)
