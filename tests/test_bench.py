@@ -91,3 +91,17 @@ def test_cuda_bench_without_a_gpu_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--device", "cuda"]) == 2
     assert "this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_evaluation_rows_run_on_the_cpu_at_toy_size():
+    """Row (i) at toy size: torchvision's reference loop, then centre, dense, multi-crop and all four."""
+    from vggkit import bench_eval, bench_gpu
+
+    rows = bench_eval.eval_rows(bench_gpu.DeviceSettings.tiny(), "cpu", lambda message: None)
+    assert [r.how.split(":")[0].split(",")[0] for r in rows] == [
+        "torchvision ImageFolder + DataLoader + vgg16", "centre crop", "dense", "multi-crop", "all four protocols"]
+    assert rows[0].reference and not any(r.reference for r in rows[1:])
+    assert all(r.images_per_s > 0 and r.gflop_per_image > 0 for r in rows)
+    centre, dense, multicrop, every = (r.gflop_per_image for r in rows[1:])
+    assert dense > 2 * centre and multicrop == 50 * centre and every > dense + multicrop
+    assert "top-1 error" in rows[1].note and rows[3].note.endswith("crops/s")

@@ -381,3 +381,95 @@ def test_cli_errors_for_missing_or_wrong_checkpoints_typos_and_unwritable_csv(la
     assert capsys.readouterr().err.startswith(f"vggkit evaluate: error: Cannot write {csv_path}")
     with pytest.raises(ValueError, match="is a folder; give a file name in it"):
         vggkit.evaluate(model, labelled_folder, scales=224, workers=0, predictions_csv=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- batched across images
+
+
+def test_grid_crops_of_a_batch_are_the_crops_sliced_one_by_one():
+    from vggkit.data import grid_offsets
+    from vggkit.protocols import grid_crops_batch
+
+    images = torch.randint(0, 256, (3, 3, 241, 300), dtype=torch.uint8)
+    crops = grid_crops_batch(images)
+    assert crops.shape == (3, 50, 3, 224, 224)
+    for image, image_crops in zip(images, crops):
+        sliced = [image[:, top:top + 224, left:left + 224] for top in grid_offsets(241, 224, 5)
+                  for left in grid_offsets(300, 224, 5)]
+        assert torch.equal(image_crops, torch.stack(sliced + [c.flip(-1) for c in sliced]))
+
+
+def test_batched_dense_and_multicrop_equal_image_by_image_passes():
+    """Batched across images (same-size buckets with their mirrors, crops of many images per pass) gives
+    the scores of one forward pass per image, mirror image and crop: identical for dense on CPU float32,
+    within 1e-6 for multi-crop (the fc layers' GEMM blocking follows the batch size)."""
+    from vggkit.protocols import dense_probabilities_batch, multicrop_probabilities_batch
+
+    model = tiny_model()
+    sizes = ((240, 320), (300, 230), (240, 320), (260, 224), (240, 320))
+    scales = (224, 256)
+    views = [[rescaled_view(noise_image(*size, seed=i), q) for q in scales] for i, size in enumerate(sizes)]
+    with inference_networks(model, precision="fp32", device="cpu") as nets:
+        dense = dense_probabilities_batch(nets, views, flip=True, batch_size=4)  # buckets split over passes
+        multicrop = multicrop_probabilities_batch(nets, views, flip=True, batch_size=37)
+
+        def one(view: torch.Tensor, network) -> torch.Tensor:
+            return network(nets.normalize(view[None]))
+
+        for i, image_views in enumerate(views):
+            per_scale = []
+            for view in image_views:
+                maps = torch.stack([one(view, nets.score_maps)[0], one(view.flip(-1), nets.score_maps)[0].flip(-1)])
+                per_scale.append(maps.mean(dim=(2, 3)).softmax(-1).mean(0))
+            assert torch.equal(dense[i], torch.stack(per_scale).mean(0))
+            crops = torch.cat([grid_crops(view) for view in image_views])
+            alone = torch.cat([one(crop, nets.logits).softmax(-1) for crop in crops]).mean(0)
+            torch.testing.assert_close(multicrop[i], alone, atol=1e-6, rtol=0)
+
+
+JPEG_SIZES = ((375, 500), (375, 500), (500, 375), (240, 300), (375, 500), (375, 500))
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """ImageNet-shaped JPEGs (mostly 500x375, one portrait), a PNG, and a file that is not an image."""
+    root = tmp_path_factory.mktemp("val_jpeg")
+    for index, (height, width) in enumerate(JPEG_SIZES):
+        folder = root / CLASSES[index % len(CLASSES)]
+        folder.mkdir(exist_ok=True)
+        noise_image(height, width, seed=20 + index).save(folder / f"image{index}.jpg", quality=90)
+    noise_image(250, 260, seed=30).save(root / "cat" / "drawing.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_device_decode_and_windows_give_the_scores_of_pil_image_by_image(jpeg_folder, tmp_path):
+    import csv
+
+    model = vggkit.optimize(tiny_model(num_classes=3), precision="fp32", device="cpu")
+    runs = {}
+    for name, options in {"pil, one image per window": {"decode": "pil", "batch_size": 1},
+                          "pil, batched": {"decode": "pil", "batch_size": 50},
+                          "device, batched": {"decode": "device", "batch_size": 50}}.items():
+        with pytest.warns(UserWarning, match="broken.jpg"):
+            result = vggkit.evaluate(model, jpeg_folder, protocol=list(PROTOCOLS), scales=(224, 256), workers=0,
+                                     progress=False, predictions_csv=tmp_path / f"{len(runs)}.csv", **options)
+        assert [path for path, _ in result.skipped] == [str(jpeg_folder / "dog" / "broken.jpg")]
+        assert result["dense"].n_images == len(JPEG_SIZES) + 1
+        rows = list(csv.DictReader(open(result.predictions_csv)))
+        runs[name] = {(row["path"], row["protocol"]): float(row["probability1"]) for row in rows}
+    one, batched, device = runs.values()
+    assert one.keys() == batched.keys() == device.keys()
+    for key in one:
+        assert abs(one[key] - batched[key]) <= 2e-6, key  # the CSV's 6 decimals
+        assert abs(one[key] - device[key]) <= 2e-3, key  # rescaled pixels within 1 level of PIL's
+
+
+def test_compile_auto_compiles_long_jobs_only():
+    model = tiny_model()
+    with inference_networks(model, precision="bf16", device="cpu", compile="auto", long_job=True) as nets:
+        assert nets.runtime.compile and nets.run_classifier is not None and nets.run_dense is not None
+    with inference_networks(model, precision="bf16", device="cpu", compile="auto", long_job=False) as nets:
+        assert not nets.runtime.compile and nets.run_classifier is None
+    with pytest.raises(ValueError, match="Unknown decode 'gpu'"):
+        vggkit.evaluate(model, ".", protocol="center", decode="gpu")

@@ -172,3 +172,38 @@ def test_missing_input_small_fc_scales_and_unwritable_output_fail_before_any_wor
     assert err.startswith("vggkit extract: error: Cannot write ") and "extract pool5" not in err
     assert main(["extract", str(photos), "--model", str(tmp_path / "missing.pth"), *small[4:]]) == 2
     assert f"Checkpoint not found: {tmp_path / 'missing.pth'}" in capsys.readouterr().err
+
+
+def test_device_decode_gives_the_pil_features_and_skips_the_same_files(model, photos, tmp_path):
+    """The GPU path (decode_jpeg + tensor rescale), on CPU tensors: the paper's descriptor as with PIL."""
+    data = tmp_path / "data"
+    for name in ("chelsea", "coffee"):
+        (data / name).mkdir(parents=True)
+        for path in sorted((photos / name).glob("*.jpg"))[:3]:
+            (data / name / path.name).symlink_to(path)
+    photo((230, 300), seed=3).save(data / "coffee" / "portrait.png")
+    (data / "chelsea" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    runs = {}
+    for decode in ("pil", "device"):
+        with pytest.warns(UserWarning, match=r"(?s)Skipped 1 file.*broken\.jpg"):
+            runs[decode] = extract_features(model, data, layer="fc7", scales=(224, 256), flip=True, crop=None,
+                                            decode=decode, progress=False, batch_size=4, **FP32_CPU)
+    pil, device = runs["pil"], runs["device"]
+    assert device.paths == pil.paths and device.labels.tolist() == pil.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert device.features.shape == pil.features.shape == (7, 256)
+    np.testing.assert_allclose(device.features, pil.features, atol=2e-3)  # unit vectors; pixels within 1 level
+    with pytest.raises(ValueError, match="Unknown decode 'gpu'"):
+        extract_features(model, data, decode="gpu", progress=False)
+
+
+def test_cli_extract_summarises_a_long_list_of_classes(tmp_path, capsys):
+    from vggkit.extract import summarise_names
+
+    for index in range(12):
+        (tmp_path / "data" / f"class{index:02d}").mkdir(parents=True)
+        photo((64, 64), seed=index).save(tmp_path / "data" / f"class{index:02d}" / "image.png")
+    code = main(["extract", str(tmp_path / "data"), "--model", "vgg11", "--weights", "none", "--width", "0.0625",
+                 "--layer", "pool5", "--scales", "64", "-o", str(tmp_path / "f.npz"), "--no-progress"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and line.endswith("classes: class00, class01, class02, class03, class04, ... (12 in all)")
+    assert summarise_names(["a", "b"]) == "a, b"

@@ -46,7 +46,7 @@ class DeviceSettings:
 
     @classmethod
     def tiny(cls) -> "DeviceSettings":
-        return cls(batch=2, image_size=32, rounds=1, compile=False, train_steps=2, train_images=8, eval_images=4)
+        return cls(batch=2, image_size=32, rounds=1, compile=False, train_steps=2, train_images=8, eval_images=2)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

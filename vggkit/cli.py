@@ -110,7 +110,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, _weights_for(args.weights, args.model))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress)
+                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress,
+                      decode=args.decode)
     print(result.table())
     if result.predictions_csv:
         print(f"\nPer-image predictions: {result.predictions_csv}")
@@ -154,7 +155,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .extract import extract_features
+    from .extract import extract_features, summarise_names
     from .paths import writable_file
 
     writable_file(args.output, example="features.npz")
@@ -163,10 +164,11 @@ def _extract(args: argparse.Namespace) -> int:
                                 reduce=None if args.reduce == "none" else args.reduce,
                                 pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
                                 width=args.width, batch_size=args.batch_size, precision=args.precision,
-                                device=args.device, num_workers=args.workers, progress=not args.no_progress)
+                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
+                                decode=args.decode)
     path = features.save(args.output)
     print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
-          + (f", classes: {', '.join(features.class_names)}" if features.class_names else ""))
+          + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
     return 0
 
 
@@ -294,8 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scales", nargs="+", type=side_type, default=[256, 384, 512], metavar="Q",
                           help="test scales Q, shortest side in pixels, >= 224 (default 256 384 512)")
     evaluate.add_argument("--no-flip", action="store_true", help="leave out the horizontally flipped images")
-    evaluate.add_argument("--batch-size", type=positive_int, default=50, help="crops per forward pass (default 50)")
-    evaluate.add_argument("--workers", type=non_negative_int, help="image decoding processes (default: CPU count, at most 8)")
+    evaluate.add_argument("--batch-size", type=positive_int,
+                          help="crops per forward pass and images per window (default 256 on a GPU, 50 on the CPU)")
+    evaluate.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+                          help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
+                               "auto: device on a GPU, else pil")
+    evaluate.add_argument("--workers", type=non_negative_int,
+                          help="image decoding processes (default: CPU count, at most 8)")
     evaluate.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                           help="auto: bf16 where the hardware runs it fast, else fp32")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
@@ -384,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default): bf16 where the hardware runs it fast, else fp32")
     extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     extract.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
+    extract.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+                         help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
+                              "auto: device on a GPU, else pil")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.set_defaults(handler=_extract)
 

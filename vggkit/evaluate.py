@@ -1,8 +1,10 @@
 """``evaluate``: the paper's test protocols over a class-folder dataset, with top-1/top-5 errors (Tables 3-5).
 
 One pass over the data serves every requested protocol: each file is read and
-decoded once (in DataLoader workers), rescaled to every Q, and the views go to
-the centre, dense and multi-crop protocols of ``vggkit.protocols``.
+decoded once, rescaled to every Q, and the views of a window of images go to the
+centre, dense and multi-crop protocols of ``vggkit.protocols``, which batch them
+across images. Decoding runs in DataLoader workers with PIL, or, on a GPU, batched
+on the device (``vggkit.device_decode``: workers only read the files).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from .checks import RANDOM_INIT_SEED, check_int
 from .configs import resolve
 from .data import FolderScan, ImageError, load_image, report_skipped, scan_folder
+from .device_decode import decode_on_device, read_source
 from .model import VGG
 from .paths import RELEASE_NAMES, check_checkpoint_file, check_weights_name, looks_like_a_path, writable_file
 from .protocols import (
@@ -33,9 +36,10 @@ from .protocols import (
     as_vgg,
     center_probabilities,
     check_scales,
-    dense_probabilities,
+    dense_probabilities_batch,
+    device_views,
     inference_networks,
-    multicrop_probabilities,
+    multicrop_probabilities_batch,
 )
 from .weights import checkpoint_metadata, create_model
 
@@ -43,6 +47,9 @@ PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
 PROTOCOL_TITLES = {"center": "centre crop", "dense": "dense", "multicrop": "multi-crop",
                    "dense+multicrop": "dense + multi-crop"}
 TOP_K = 5
+DECODERS = ("auto", "pil", "device")
+PIL_WINDOW = 16  # images per window on the PIL path for dense and multi-crop
+LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here: ~a minute of compiling pays back
 
 
 # --------------------------------------------------------------------------- results
@@ -221,6 +228,42 @@ class ViewsDataset(Dataset):
             return {"index": index, "label": label, "error": error.reason}
 
 
+class EncodedDataset(Dataset):
+    """(path, label) samples -> {"index", "label", "data"} for ``decode_on_device``, or {"index", "label", "error"}.
+
+    Workers only read the files (JPEGs as their bytes); what decode_jpeg cannot read
+    is decoded here with PIL (``device_decode.read_source``).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        try:
+            return {"index": index, "label": label, "data": read_source(path)}
+        except ImageError as error:
+            return {"index": index, "label": label, "error": error.reason}
+
+
+def decode_batch(loaded: list[dict], samples: list[tuple[str, int]], device: torch.device,
+                 scales: Sequence[int], center) -> list[dict]:
+    """``EncodedDataset`` items -> ``ViewsDataset``'s items, decoded and rescaled on ``device``."""
+    readable = [it for it in loaded if "error" not in it]
+    every_scale = tuple(scales) + ((center.resize_size,) if center is not None else ())
+    images = decode_on_device([it["data"] for it in readable], [samples[it["index"]][0] for it in readable], device,
+                              every_scale)
+    views = iter(device_views([image for image in images if not isinstance(image, str)], scales, center))
+    items = [it for it in loaded if "error" in it]
+    for it, image in zip(readable, images):
+        known = {"index": it["index"], "label": it["label"]}
+        items.append({**known, "error": image} if isinstance(image, str) else {**known, **next(views)})
+    return items
+
+
 def as_list(batch: list[dict]) -> list[dict]:
     """DataLoader collate: keep the images' views apart (their sizes differ)."""
     return batch
@@ -266,40 +309,61 @@ class TopK:
 
 
 def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequence[str] = "dense",
-             scales: int | Sequence[int] = PAPER_SCALES, flip: bool = True, batch_size: int = 50,
+             scales: int | Sequence[int] = PAPER_SCALES, flip: bool = True, batch_size: int | None = None,
              workers: int | None = None, precision: str = "auto", device: str | torch.device | None = None,
-             predictions_csv: str | os.PathLike | None = None, progress: bool = True) -> EvaluationResult:
+             predictions_csv: str | os.PathLike | None = None, progress: bool = True, decode: str = "auto",
+             compile: bool | str = "auto") -> EvaluationResult:
     """Evaluate ``model`` on a class-folder dataset with the paper's protocols (section 3.2).
 
     ``protocol``: "center", "dense", "multicrop", "dense+multicrop", or a list of them,
     all computed in one pass. ``scales``: the test scales Q of dense and multi-crop
     (one int or several; softmax averaged over them). ``flip``: average in the mirror
-    images. ``batch_size``: crops per forward pass. The model runs as an inference copy
-    under ``vggkit.runtime`` (``precision``, ``device``) with its own preprocessing;
-    the model itself is not changed. ``predictions_csv`` writes every image's top-5
-    per protocol, row by row as the pass goes. Returns an ``EvaluationResult`` (errors in %).
+    images. ``batch_size``: crops per forward pass (dense: as many images as hold that
+    many crops' pixels), and images per window that are batched together (at most
+    ``PIL_WINDOW`` where PIL workers make the dense and multi-crop views); default
+    256 on a GPU, 50 on the CPU. The model runs as an inference copy under
+    ``vggkit.runtime`` (``precision``, ``device``; ``compile="auto"`` compiles passes of
+    ``LONG_JOB_IMAGES`` or more where that gains) with its own preprocessing; the model
+    itself is not changed. ``decode``: "pil" (in DataLoader workers), "device" (JPEGs
+    batched through decode_jpeg and rescaled on the runtime's device, PIL for the
+    rest) or "auto" (device on CUDA, else PIL). ``predictions_csv`` writes every
+    image's top-5 per protocol, row by row as the pass goes. Returns an ``EvaluationResult`` (errors in %).
     """
     protocols = check_protocols(protocol)
     scales = check_scales(scales)
-    check_int("batch_size", batch_size, 1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1)
     if workers is not None:
         check_int("workers", workers, 0)
+    if decode not in DECODERS:
+        raise ValueError(f"Unknown decode {decode!r}; choose from {', '.join(DECODERS)}.")
     if predictions_csv is not None:
         writable_file(predictions_csv, example="predictions.csv")  # before the pass, not after it
     scan = match_classes(model, data_dir)
     report_skipped(scan.skipped)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
-    with inference_networks(model, precision, device) as nets:
+    long_job = len(scan.samples) >= LONG_JOB_IMAGES
+    with inference_networks(model, precision, device, compile, long_job) as nets:
         if any(p in ("dense", "dense+multicrop") for p in protocols):
             nets.require_dense()  # before reading any image
-        preprocess = nets.preprocess
-        views = ProtocolViews(scales if protocols != ["center"] else (),
-                              preprocess if "center" in protocols else None)
-        # Centre crops batch across images; dense and multi-crop run image by image, so the bar moves per image.
-        images_per_batch = batch_size if protocols == ["center"] else 1
-        loader = DataLoader(ViewsDataset(scan.samples, views), batch_size=images_per_batch, num_workers=workers,
-                            collate_fn=as_list, pin_memory=nets.runtime.device.type == "cuda")
+        preprocess, on_device = nets.preprocess, nets.runtime.device
+        # On the CPU a dense or multi-crop pass of one image already keeps every core busy, so by default
+        # its window is one image: the progress bar moves per image (a window of 16 full-size images at
+        # three scales would leave it still for a minute). A batch_size given is honoured.
+        cpu_one_by_one = batch_size is None and on_device.type != "cuda"
+        batch_size = batch_size or (256 if on_device.type == "cuda" else 50)
+        view_scales, center = (scales if protocols != ["center"] else ()), preprocess if "center" in protocols else None
+        decode_here = decode == "device" or (decode == "auto" and on_device.type == "cuda")
+        dataset = (EncodedDataset(scan.samples) if decode_here
+                   else ViewsDataset(scan.samples, ProtocolViews(view_scales, center)))
+        # A window of images: centre crops, dense buckets of one size and multi-crop's crops batch across
+        # its images. batch_size of them where workers hold only files' bytes or centre crops; fewer where
+        # they hold every rescaled view (PIL: ~2 MB an image at three scales, prefetched by every worker).
+        window = (batch_size if protocols == ["center"] else 1 if cpu_one_by_one
+                  else batch_size if decode_here else min(batch_size, PIL_WINDOW))
+        loader = DataLoader(dataset, batch_size=window, num_workers=workers, collate_fn=as_list,
+                            pin_memory=on_device.type == "cuda")
         k = min(TOP_K, nets.num_classes)
         tallies = {p: TopK(k) for p in protocols}
         network_seconds = dict.fromkeys(("center", "dense", "multicrop"), 0.0)
@@ -309,6 +373,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar, \
                 contextlib.closing(csv_out) if csv_out else contextlib.nullcontext():
             for loaded in loader:
+                if decode_here:
+                    loaded = decode_batch(loaded, scan.samples, on_device, view_scales, center)
                 failed += [(scan.samples[it["index"]][0], it["error"]) for it in loaded if "error" in it]
                 batch = [it for it in loaded if "error" not in it]
                 if batch:
@@ -338,7 +404,7 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
 
 def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: list[str], flip: bool,
                         batch_size: int, network_seconds: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Decoded views of a few images -> softmax (N, classes) per protocol; adds each network's time."""
+    """Decoded views of a window of images -> softmax (N, classes) per protocol; adds each network's time."""
     def timed(network: str, compute) -> torch.Tensor:
         tick = time.perf_counter()
         probabilities = compute()  # on the CPU, so the device has finished
@@ -350,11 +416,11 @@ def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: l
         crops = torch.stack([it["center"] for it in batch])
         probabilities["center"] = timed("center", lambda: center_probabilities(nets, crops, batch_size))
     if any(p in ("dense", "dense+multicrop") for p in protocols):
-        probabilities["dense"] = timed("dense", lambda: torch.stack(
-            [dense_probabilities(nets, it["scaled"], flip) for it in batch]))
+        probabilities["dense"] = timed("dense", lambda: dense_probabilities_batch(
+            nets, [it["scaled"] for it in batch], flip, batch_size))
     if any(p in ("multicrop", "dense+multicrop") for p in protocols):
-        probabilities["multicrop"] = timed("multicrop", lambda: torch.stack(
-            [multicrop_probabilities(nets, it["scaled"], flip, batch_size) for it in batch]))
+        probabilities["multicrop"] = timed("multicrop", lambda: multicrop_probabilities_batch(
+            nets, [it["scaled"] for it in batch], flip, batch_size))
     if "dense+multicrop" in protocols:
         probabilities["dense+multicrop"] = (probabilities["dense"] + probabilities["multicrop"]) / 2
     return probabilities

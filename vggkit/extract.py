@@ -19,14 +19,19 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .backbone import VGGBackbone
 from .checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from .data import EvalTransform, ImageError, SeenFiles, image_files, load_image, report_skipped, scan_folder
+from .device_decode import decode_on_device, read_source, resize_all
 from .model import VGG, check_layers
 from .paths import looks_like_a_path
 from .runtime import optimize
+
+DECODERS = ("auto", "pil", "device")
+LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here
 
 REDUCTIONS = ("mean", "stack", None)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -113,8 +118,57 @@ class _ScaledImages(Dataset):
             return index, error.reason
 
 
+class _EncodedImages(Dataset):
+    """Item i -> (i, ``device_decode.read_source`` of it) or (i, reason) when the image cannot be read."""
+
+    def __init__(self, sources: Sequence[ImageInput]) -> None:
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, read_source(self.sources[index])
+        except ImageError as error:
+            return index, error.reason
+
+
+class _DeviceViews:
+    """``_EncodedImages`` items -> ``_ScaledImages``' items: decoded, rescaled to each Q, cropped and
+    normalised on ``device`` (what ``EvalTransform`` does with PIL)."""
+
+    def __init__(self, sources: Sequence[ImageInput], scales: Sequence[int], crop: int | None, preprocess,
+                 device: torch.device) -> None:
+        self.sources, self.scales, self.crop, self.device = sources, scales, crop, device
+        self.preprocess = preprocess or EvalTransform().preprocess
+
+    def __call__(self, batch: list) -> list:
+        readable = [(i, data) for i, data in batch if not isinstance(data, str)]
+        images = decode_on_device([data for _, data in readable], [self.sources[i] for i, _ in readable],
+                                  self.device, self.scales)
+        decoded = [image for image in images if not isinstance(image, str)]
+        per_scale = [resize_all(decoded, q) for q in self.scales]
+        views = iter([[self.view(per_scale[s][k]) for s in range(len(self.scales))] for k in range(len(decoded))])
+        return [item for item in batch if isinstance(item[1], str)] + [
+            (i, image if isinstance(image, str) else next(views)) for (i, _), image in zip(readable, images)]
+
+    def view(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> the network's float32 input (3, crop or H, crop or W)."""
+        if self.crop:
+            image = TF.center_crop(image, self.crop)
+        return self.preprocess.normalize(image.float().div_(255))
+
+
 def _as_list(batch):
     return batch
+
+
+def summarise_names(names: Sequence[str], limit: int = 5) -> str:
+    """``"a, b, c"``, or the first ``limit`` names and ``"... (N in all)"`` for a long list."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... ({len(names)} in all)"
 
 
 def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tuple[str, str]]]:
@@ -155,6 +209,8 @@ def extract_features(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    decode: str = "auto",
+    compile: bool | str = "auto",
 ) -> Features:
     """Features of ``layer`` for every image, batched through ``vggkit.runtime``.
 
@@ -190,17 +246,28 @@ def extract_features(
         raise ValueError(f"Layer {layer}: the fully-convolutional VGG needs an input of at least 224x224 px; "
                          f"got scale {crop or min(scales)}. Use scales of 224 or more, or a conv/pool "
                          f"layer (e.g. pool5) for smaller images.")
+    if decode not in DECODERS:
+        raise ValueError(f"Unknown decode {decode!r}; choose from {', '.join(DECODERS)}.")
     model = _as_model(model_or_name, weights, width)
-    fast = optimize(LayerTap(model, layer), precision=precision, device=device)
     sources, labels, class_names, skipped = resolve_images(images_or_dir)
-    transforms = [EvalTransform(scale=q, crop=crop, preprocess=model.preprocess) for q in scales]
-    loader = DataLoader(_ScaledImages(sources, transforms), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_as_list)
+    fast = optimize(LayerTap(model, layer), precision=precision, device=device, compile=compile,
+                    long_job=len(sources) >= LONG_JOB_IMAGES)
+    on_device = fast.runtime.device
+    if decode == "device" or (decode == "auto" and on_device.type == "cuda"):
+        dataset = _EncodedImages(sources)
+        views = _DeviceViews(sources, scales, crop, model.preprocess, on_device)
+    else:
+        dataset = _ScaledImages(sources, [EvalTransform(scale=q, crop=crop, preprocess=model.preprocess)
+                                          for q in scales])
+        views = _as_list
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
+                        pin_memory=on_device.type == "cuda")
 
     kept: list[int] = []
     outputs: list[np.ndarray] = []
     bar = tqdm(total=len(sources), desc=f"extract {layer}", unit="image", disable=not progress)
     for batch in loader:
+        batch = views(batch)
         readable = [(i, views) for i, views in batch if not isinstance(views, str)]
         skipped += [(_describe(sources[i]), views) for i, views in batch if isinstance(views, str)]
         per_scale = [_run_grouped(fast, [views[s] for _, views in readable], flip, pool) for s in range(len(scales))]

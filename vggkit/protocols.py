@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from torchvision.transforms import functional as TF
 from .checks import check_side
 from .data import grid_offsets, load_image, rescale_shortest
 from .data import rescaled_size as data_rescaled_size
+from .device_decode import resize_all
 from .model import VGG, FullyConvVGG
 from .preprocess import IMAGENET, Preprocess
 from .runtime import OptimizedModel, Runtime, optimize
@@ -38,6 +39,7 @@ from .runtime import OptimizedModel, Runtime, optimize
 CROP = 224  # the training crop: fc6 sees exactly a 7x7 window of pool5
 GRID = 5  # multi-crop: a 5x5 grid of crops per scale
 PAPER_SCALES = (256, 384, 512)  # Q for scale-jittered training, S in [256, 512] (Tables 4 and 5)
+HELD_PASSES = 8  # multi-crop cuts the crops of 8 passes at once (uint8: 150 KB a crop), at least one image's
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray
 
@@ -51,12 +53,16 @@ class InferenceNetworks:
 
     ``dense`` is None for a model with another head than the paper's fc6-fc8 (a
     fine-tuning "linear" or "mlp" head): the centre and multi-crop protocols still run.
+    ``run_classifier`` / ``run_dense`` are what the forward passes call: the modules
+    themselves, or their ``torch.compile`` where the runtime compiles.
     """
 
     classifier: VGG
     dense: FullyConvVGG | None
     runtime: Runtime
     preprocess: Preprocess
+    run_classifier: Callable[[torch.Tensor], torch.Tensor] | None = None
+    run_dense: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -70,7 +76,8 @@ class InferenceNetworks:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised crops (N, 3, 224, 224) -> float32 logits (N, classes)."""
         with torch.inference_mode():
-            return self.classifier(self.runtime.input(x)).float()
+            classifier = self.classifier if self.run_classifier is None else self.run_classifier
+            return classifier(self.runtime.input(x)).float()
 
     def require_dense(self) -> FullyConvVGG:
         """The fully-convolutional form, or a clear error for a model without the paper's head."""
@@ -81,7 +88,7 @@ class InferenceNetworks:
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (N, 3, H, W), H, W >= 224 -> float32 fc8 maps (N, classes, H/32-6, W/32-6)."""
-        dense = self.require_dense()
+        dense = self.require_dense() if self.run_dense is None else self.run_dense
         with torch.inference_mode():
             return dense(self.runtime.input(x)).float()
 
@@ -96,21 +103,22 @@ def as_vgg(model: nn.Module) -> VGG:
 
 
 @contextlib.contextmanager
-def inference_networks(model: nn.Module, precision: str | None = None,
-                       device: str | torch.device | None = None) -> Iterator[InferenceNetworks]:
+def inference_networks(model: nn.Module, precision: str | None = None, device: str | torch.device | None = None,
+                       compile: bool | str = False, long_job: bool = False) -> Iterator[InferenceNetworks]:
     """Run ``model`` for evaluation inside a ``with`` block.
 
     ``precision=None`` runs the model as it is (its device and dtype, no copy), in eval
     mode for the block only: every module's train/eval flag is restored afterwards.
     ``precision="auto"|"fp32"|"bf16"|"fp16"`` runs an inference copy under
-    ``vggkit.runtime`` instead. A ``vggkit.optimize`` model runs under its own runtime.
+    ``vggkit.runtime`` instead, compiled as ``compile`` says (``"auto"``: a ``long_job``
+    on CUDA or a bf16 CPU). A ``vggkit.optimize`` model runs under its own runtime.
     The model's parameters are never changed.
     """
     vgg = as_vgg(model)
     if isinstance(model, OptimizedModel):
         runtime = model.runtime
     elif precision is not None:
-        fast = optimize(vgg, precision, device)
+        fast = optimize(vgg, precision, device, compile, long_job)
         vgg, runtime = fast.model, fast.runtime
     else:
         parameter = next(vgg.parameters())
@@ -120,7 +128,11 @@ def inference_networks(model: nn.Module, precision: str | None = None,
         vgg.eval()
         has_paper_head = all(hasattr(vgg.classifier, layer) for layer in ("fc6", "fc7", "fc8"))
         dense = vgg.to_fully_conv().eval() if has_paper_head else None
-        yield InferenceNetworks(vgg, dense, runtime, vgg.preprocess or IMAGENET)
+        compiled = {}
+        if runtime.compile:  # shapes vary (dense sizes, last batches): recompiled once, then dynamic
+            compiled = {"run_classifier": torch.compile(vgg),
+                        "run_dense": torch.compile(dense) if dense is not None else None}
+        yield InferenceNetworks(vgg, dense, runtime, vgg.preprocess or IMAGENET, **compiled)
     finally:
         for module, training in flags.items():
             module.training = training
@@ -172,6 +184,18 @@ class ProtocolViews:
                 "scaled": [rescaled_view(image, scale) for scale in self.scales]}
 
 
+def device_views(images: Sequence[torch.Tensor], scales: Sequence[int] = (),
+                 center: Preprocess | None = None) -> list[dict]:
+    """uint8 RGB (3, H, W) images on the device -> ``ProtocolViews``' dict per image, made on the device.
+
+    Images of one size are rescaled together (``device_decode.resize_all``).
+    """
+    scaled = [resize_all(images, scale) for scale in scales]
+    centers = ([TF.center_crop(view, center.input_size) for view in resize_all(images, center.resize_size)]
+               if center is not None else [None] * len(images))
+    return [{"center": centers[i], "scaled": [per_scale[i] for per_scale in scaled]} for i in range(len(images))]
+
+
 # --------------------------------------------------------------------------- the protocols
 
 
@@ -181,13 +205,32 @@ def grid_crops(image: torch.Tensor, crop: int = CROP, grid: int = GRID, flip: bo
     -> (grid * grid * (2 if flip else 1), C, crop, crop). A side of exactly ``crop``
     pixels gives the same crop at every position along it.
     """
-    height, width = image.shape[-2:]
+    return grid_crops_batch(image[None], crop, grid, flip)[0]
+
+
+def grid_crops_batch(images: torch.Tensor, crop: int = CROP, grid: int = GRID, flip: bool = True) -> torch.Tensor:
+    """``grid_crops`` of every image of (N, C, H, W) -> (N, grid * grid * (2 if flip else 1), C, crop, crop).
+
+    One gather on the images' device: no work per crop on the host.
+    """
+    height, width = images.shape[-2:]
     if min(height, width) < crop:
         raise ValueError(f"Image of {height}x{width} is smaller than the {crop} px crop; rescale it first.")
-    crops = torch.stack([image[:, top:top + crop, left:left + crop]
-                         for top in grid_offsets(height, crop, grid)
-                         for left in grid_offsets(width, crop, grid)])
-    return torch.cat([crops, crops.flip(-1)]) if flip else crops
+    span = torch.arange(crop, device=images.device)
+    rows = torch.tensor(grid_offsets(height, crop, grid), device=images.device)[:, None] + span  # (grid, crop)
+    columns = torch.tensor(grid_offsets(width, crop, grid), device=images.device)[:, None] + span
+    # (N, C, grid, grid, crop, crop): crop (i, j) is rows[i] x columns[j]
+    crops = images[:, :, rows[:, None, :, None], columns[None, :, None, :]]
+    crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(len(images), grid * grid, images.shape[1], crop, crop)
+    return torch.cat([crops, crops.flip(-1)], dim=1) if flip else crops
+
+
+def by_shape(images: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of ``images`` grouped by shape, in first-seen order: the buckets that run as one batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return groups
 
 
 def center_probabilities(nets: InferenceNetworks, crops: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
@@ -196,35 +239,74 @@ def center_probabilities(nets: InferenceNetworks, crops: torch.Tensor, batch_siz
 
 
 def flip_score_maps(nets: InferenceNetworks, view: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 (3, H, W) -> fc8 maps (1 or 2, classes, h, w) of the image and of its mirror image flipped back.
+    """uint8 (3, H, W) -> fc8 maps (1 or 2, classes, h, w) of the image and of its mirror image flipped back."""
+    return batch_score_maps(nets, view[None], flip)[:, 0]
 
-    The image and its mirror image go through the network as one batch of two.
-    """
-    x = nets.normalize(view[None])
+
+def batch_score_maps(nets: InferenceNetworks, views: torch.Tensor, flip: bool) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> fc8 maps (1 or 2, N, classes, h, w): the images', then their mirror images'
+    flipped back. The images and their mirror images go through the network as one batch."""
+    x = nets.normalize(views)
     if not flip:
-        return nets.score_maps(x)
+        return nets.score_maps(x)[None]
     maps = nets.score_maps(torch.cat([x, x.flip(-1)]))
-    return torch.stack([maps[0], maps[1].flip(-1)])
+    return torch.stack([maps[:len(x)], maps[len(x):].flip(-1)])
 
 
 def dense_probabilities(nets: InferenceNetworks, views: Sequence[torch.Tensor], flip: bool = True) -> torch.Tensor:
-    """uint8 rescaled images (3, H_q, W_q), one per Q -> dense softmax (classes,) on the CPU.
+    """uint8 rescaled images (3, H_q, W_q), one per Q -> dense softmax (classes,) on the CPU."""
+    return dense_probabilities_batch(nets, [views], flip)[0]
 
-    Per Q the class score map is averaged spatially; softmax averaged over the flips, then over Q.
+
+def dense_probabilities_batch(nets: InferenceNetworks, views: Sequence[Sequence[torch.Tensor]], flip: bool = True,
+                              batch_size: int = 50) -> torch.Tensor:
+    """Per image, uint8 rescaled images (3, H_q, W_q), one per Q -> dense softmax (N, classes) on the CPU.
+
+    Per Q the class score map is averaged spatially; softmax averaged over the flips,
+    then over Q. Images of one rescaled size run together with their mirror images,
+    as many per pass as hold the pixels of ``batch_size`` 224 crops; sizes are never
+    padded (padding would change the borders' scores).
     """
-    per_scale = [flip_score_maps(nets, view, flip).mean(dim=(2, 3)).softmax(-1).mean(0) for view in views]
-    return torch.stack(per_scale).mean(0).cpu()
+    per_scale = torch.zeros(len(views[0]), len(views), nets.num_classes)  # (Q, N, classes)
+    for q in range(len(views[0])):
+        for shape, members in by_shape([image_views[q] for image_views in views]).items():
+            passes = (2 if flip else 1) * shape[1] * shape[2]
+            per_pass = max(1, batch_size * CROP * CROP // passes)
+            for start in range(0, len(members), per_pass):
+                chunk = members[start:start + per_pass]
+                maps = batch_score_maps(nets, torch.stack([views[i][q] for i in chunk]), flip)
+                per_scale[q, chunk] = maps.mean(dim=(3, 4)).softmax(-1).mean(0).cpu()
+    return per_scale.mean(0)
 
 
 def multicrop_probabilities(nets: InferenceNetworks, views: Sequence[torch.Tensor], flip: bool = True,
                             batch_size: int = 50) -> torch.Tensor:
-    """uint8 rescaled images, one per Q -> multi-crop softmax (classes,) on the CPU.
+    """uint8 rescaled images, one per Q -> multi-crop softmax (classes,) on the CPU."""
+    return multicrop_probabilities_batch(nets, [views], flip, batch_size)[0]
 
-    50 crops per Q (25 with ``flip=False``), run in batches of ``batch_size``; every
+
+def multicrop_probabilities_batch(nets: InferenceNetworks, views: Sequence[Sequence[torch.Tensor]],
+                                  flip: bool = True, batch_size: int = 50) -> torch.Tensor:
+    """Per image, uint8 rescaled images, one per Q -> multi-crop softmax (N, classes) on the CPU.
+
+    50 crops per Q (25 with ``flip=False``), cut on the views' device from every image
+    of one size at once, and run ``batch_size`` crops per pass across images; every
     scale has the same number of crops, so the mean over all crops is the mean over Q.
     """
-    crops = torch.cat([grid_crops(nets.normalize(view[None])[0], flip=flip) for view in views])
-    return torch.cat([nets.logits(chunk).softmax(-1) for chunk in crops.split(batch_size)]).mean(0).cpu()
+    scales, per_view = len(views[0]), GRID * GRID * (2 if flip else 1)
+    per_group = max(1, HELD_PASSES * batch_size // (scales * per_view))
+    probabilities = []
+    for first in range(0, len(views), per_group):
+        group = views[first:first + per_group]
+        sample = group[0][0]
+        crops = torch.empty(len(group), scales, per_view, 3, CROP, CROP, dtype=sample.dtype, device=sample.device)
+        for q in range(scales):
+            for members in by_shape([image_views[q] for image_views in group]).values():
+                crops[members, q] = grid_crops_batch(torch.stack([group[i][q] for i in members]), flip=flip)
+        scores = torch.cat([nets.logits(nets.normalize(chunk)).softmax(-1)
+                            for chunk in crops.flatten(0, 2).split(batch_size)])
+        probabilities.append(scores.view(len(group), scales * per_view, -1).mean(1).cpu())
+    return torch.cat(probabilities)
 
 
 # --------------------------------------------------------------------------- one image, public

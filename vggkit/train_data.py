@@ -231,8 +231,6 @@ class GpuAugment:
         return images
 
     def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from .device_decode import decode_jpegs
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's notice for decode_jpeg
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        return decode_jpegs(data, self.device)
