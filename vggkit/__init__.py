@@ -6,6 +6,8 @@ from .model import VGG, FullyConvVGG
 from .evaluate import evaluate
 from .extract import Features, extract_features, probe
 from .finetune import FinetuneResult, finetune
+from .lpips_distance import LPIPS
+from .perceptual import PerceptualLoss, StyleLoss
 from .predict import load, predict
 from .preprocess import Preprocess
 from .protocols import class_heatmap, class_score_maps, dense_predict
@@ -29,5 +31,5 @@ __all__ = [
     "export_state_dict", "list_models", "optimize", "receptive_field", "resolve", "save_checkpoint",
     "class_heatmap", "class_score_maps", "dense_predict", "evaluate",
     "Features", "FinetuneResult", "extract_features", "finetune", "load", "predict", "probe",
-    "init_from", "train",
+    "init_from", "train", "LPIPS", "PerceptualLoss", "StyleLoss",
 ]
