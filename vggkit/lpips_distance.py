@@ -82,7 +82,7 @@ class LPIPS(FrozenFeatures):
     def _features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.value_range == (0.0, 1.0):
             image = 2 * image - 1
-        return super().forward((image - self.shift) / self.scale)
+        return self.features((image - self.shift) / self.scale)
 
     def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
         f0, f1 = self._features(img0), self._features(img1)

@@ -109,16 +109,19 @@ class FrozenFeatures(nn.Module):
         self.backbone.eval()
         return self
 
-    def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """RGB (N, 3, H, W) -> {tap: (N, C, h, w)}, through the weights' normalisation."""
         if rgb.dim() != 4 or rgb.shape[1] != 3:
             raise ValueError(f"Expected RGB images of shape (N, 3, H, W) in [0, 1], got {tuple(rgb.shape)}.")
         x = self.backbone.preprocess.normalize(rgb) if self.normalize_input else rgb
         return self.backbone(x)
 
+    forward = features
+
     @torch.no_grad()
     def targets(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of a fixed target image, computed once: pass the dict where a target image goes."""
-        return {name: value.detach() for name, value in self(rgb).items()}
+        return {name: value.detach() for name, value in self.features(rgb).items()}
 
     def _target_features(self, target: Target) -> Mapping[str, torch.Tensor]:
         return target if isinstance(target, Mapping) else self.targets(target)
@@ -158,7 +161,7 @@ class PerceptualLoss(FrozenFeatures):
             self.style_weight = 1.0
 
     def forward(self, input: torch.Tensor, target: Target, style: Target | None = None) -> torch.Tensor:
-        features = super().forward(input)
+        features = self.features(input)
         wanted = self._target_features(target)
         loss = sum(w * feature_distance(features[n], wanted[n], self.criterion)
                    for n, w in self.layer_weights.items())
@@ -185,6 +188,6 @@ class StyleLoss(FrozenFeatures):
         self.layer_weights = weights_by_layer
 
     def forward(self, input: torch.Tensor, style: Target) -> torch.Tensor:
-        features = super().forward(input)
+        features = self.features(input)
         wanted = self._target_features(style)
         return sum(w * gatys_style_distance(features[n], wanted[n]) for n, w in self.layer_weights.items())
