@@ -186,3 +186,14 @@ def test_bad_arguments_are_one_line_errors():
     loss = vggkit.PerceptualLoss("esrgan", weights=None, width=TINY)
     with pytest.raises(ValueError, match=r"Expected RGB images of shape \(N, 3, H, W\) in \[0, 1\], got \(3, 32, 32\)"):
         loss(torch.rand(3, 32, 32), torch.rand(3, 32, 32))
+
+
+def test_bench_row_counts_two_forwards_and_one_backward_to_conv5_4():
+    from vggkit.bench import gflops
+    from vggkit.bench_perceptual import step_gflop
+    from vggkit.model import VGG
+
+    forward = gflops(lambda: vggkit.VGGBackbone(VGG("vgg19"), ["conv5_4_pre"]), (1, 3, 256, 256))
+    assert forward == pytest.approx(50.96, abs=0.01)
+    # The backward needs input gradients only (frozen weights): about one more forward's worth.
+    assert step_gflop() == pytest.approx(3 * forward, rel=0.01)
