@@ -1,4 +1,4 @@
-"""``vggkit bench`` row (f): one forward + backward of ``PerceptualLoss("esrgan")`` against the
+"""``vggkit bench`` row (j): one forward + backward of ``PerceptualLoss("esrgan")`` against the
 plain torchvision wrapper that BasicSR's ``VGGFeatureExtractor`` builds, on the same weights.
 
 Both compute L1 between VGG19 conv5_4 (before its ReLU) of a batch of 256x256
@@ -140,7 +140,7 @@ def step_gflop(batch: int = 1) -> float:
 
 
 def perceptual_rows(settings, log) -> list[Row]:
-    """Row (f): images/s and peak memory of the ESRGAN perceptual loss, BasicSR's wrapper as reference."""
+    """Row (j): images/s and peak memory of the ESRGAN perceptual loss, BasicSR's wrapper as reference."""
     import tempfile
     from pathlib import Path
 
@@ -158,15 +158,15 @@ def perceptual_rows(settings, log) -> list[Row]:
         target = torch.rand(batch, 3, SIZE, SIZE)
         with torch.no_grad():
             values = {name: float(loss(restored, target)) for name, loss in competitors.items()}
-        log(f"(f) perceptual loss (esrgan: vgg19 conv5_4 before ReLU, L1) forward + backward, batch {batch} of "
+        log(f"(j) perceptual loss (esrgan: vgg19 conv5_4 before ReLU, L1) forward + backward, batch {batch} of "
             f"{SIZE} px")
         best = race({name: (lambda loss=loss: _step(loss, restored, target)) for name, loss in competitors.items()},
                     max(1, settings.rounds - 1))
         del competitors
-        log("(f) peak memory of one step of each, in fresh processes")
+        log("(j) peak memory of one step of each, in fresh processes")
         memory = {name: peak_rss_growth(name, weights_path, batch) for name in best}
     flop = step_gflop()
-    task = f"(f) perceptual loss forward + backward, {SIZE} px"
+    task = f"(j) perceptual loss forward + backward, {SIZE} px"
     same = abs(values["vggkit"] - values["basicsr"]) <= 1e-5 * max(1.0, abs(values["basicsr"]))
     peak = {name: "peak memory not measurable here (no /proc/self/clear_refs)" if mib is None
             else f"peak RSS +{mib:.0f} MiB over the loaded model" for name, mib in memory.items()}

@@ -156,9 +156,9 @@ class PerceptualLoss(FrozenFeatures):
         super().__init__(model or preset.model, [*content, *style], weights, width, normalize_input)
         self.layer_weights, self.style_layer_weights = content, style
         self.criterion = criterion
-        self.style_weight = preset.style_weight if style_weight is None else float(style_weight)
-        if style and not self.style_weight:
-            self.style_weight = 1.0
+        if style_weight is None:  # style layers added to a content-only preset weigh 1 unless told
+            style_weight = preset.style_weight if preset.style_layers or not style else 1.0
+        self.style_weight = float(style_weight)
 
     def forward(self, input: torch.Tensor, target: Target, style: Target | None = None) -> torch.Tensor:
         features = self.features(input)
