@@ -127,8 +127,8 @@ PRE_ACTIVATION = "_pre"  # conv3_3_pre: conv3_3's ReLU input (after its batch no
 
 
 def tap_names(name: str) -> list[str]:
-    """Every name a backbone can read, in forward order: each conv's ``convB_I_pre`` (before its
-    ReLU) just before ``convB_I`` (after it), then the other layers of ``layer_names``."""
+    """Every name a backbone can read, in forward order: ``layer_names`` with each conv's
+    ``convB_I_pre`` (before its ReLU) just before ``convB_I`` (after it)."""
     names: list[str] = []
     for layer in layer_names(name):
         if layer.startswith("conv"):

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import PRE_ACTIVATION, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, ModelSpec, layer_names, resolve, tap_names
+from .configs import (LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PRE_ACTIVATION, ModelSpec, layer_names, resolve,
+                      tap_names)
 
 FC_HIDDEN = 4096
 POOL5_GRID = 7  # fc6 sees a 7x7 window of pool5: the 224 px training crop over stride 32
