@@ -22,6 +22,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "effective_receptive_field": "receptive_field", "receptive_field": "receptive_field",
     "WeightsError": "weights", "WeightsUnavailableError": "weights", "count_parameters": "weights",
     "create_model": "weights", "export_state_dict": "weights", "save_checkpoint": "weights",
+    "LPIPS": "lpips_distance", "PerceptualLoss": "perceptual", "StyleLoss": "perceptual",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import layer_names
+from .configs import PRE_ACTIVATION, activation_of, layer_names, tap_names
 from .model import POOL5_GRID, VGG, check_layers, init_parameters, tap_module
 from .receptive_field import receptive_field
 
@@ -37,17 +37,23 @@ class VGGBackbone(nn.Module):
         check_layers(vgg.spec, layers)
         if "fc8" in layers:
             raise ValueError("fc8 is the classifier, not a feature: use model.to_fully_conv() for class score maps.")
-        order = layer_names(vgg.spec)
+        order = tap_names(vgg.spec)
         self.layers = sorted(layers, key=order.index)
         self.spec = vgg.spec
         self.preprocess = vgg.preprocess
         self.pad_fc6 = pad_fc6
+        bn = vgg.spec.batch_norm
         # Module name -> layer name, for the conv/pool taps inside `features`.
-        self._taps = {tap_module(n).split(".", 1)[1]: n for n in self.layers if not n.startswith("fc")}
+        self._taps = {tap_module(n, bn).split(".", 1)[1]: n for n in self.layers if not n.startswith("fc")}
         deepest = max(self.layers, key=order.index)
         names = [n for n, _ in vgg.features.named_children()]
-        last = len(names) if deepest.startswith("fc") else names.index(tap_module(deepest).split(".", 1)[1]) + 1
+        last = len(names) if deepest.startswith("fc") else names.index(tap_module(deepest, bn).split(".", 1)[1]) + 1
         self.features = nn.Sequential(OrderedDict(list(vgg.features.named_children())[:last]))
+        for layer in self.layers:
+            # A pre-activation tap keeps the ReLU's input, so that ReLU must not overwrite it.
+            relu = "relu" + layer[len("conv"):-len(PRE_ACTIVATION)]
+            if layer.endswith(PRE_ACTIVATION) and relu in self.features._modules:
+                self.features._modules[relu] = TappedReLU()
         self.fc6 = self.fc7 = None
         wants_fc7 = "fc7" in self.layers
         if "fc6" in self.layers or wants_fc7:
@@ -57,8 +63,10 @@ class VGGBackbone(nn.Module):
             self.fc7 = _linear_as_conv(vgg.classifier.fc7, vgg.classifier.fc7.in_features, 1)
         rf = receptive_field(vgg.spec)
         channels = _channels(vgg)
+        # A pre-activation tap has its conv's channels, stride and receptive field (the ReLU is pointwise).
         self.feature_info = OrderedDict(
-            (n, FeatureInfo(n, channels[n], rf[n].stride, rf[n].receptive_field)) for n in self.layers)
+            (n, FeatureInfo(n, channels[activation_of(n)], rf[activation_of(n)].stride,
+                            rf[activation_of(n)].receptive_field)) for n in self.layers)
         if frozen:
             self.requires_grad_(False)
             self.eval()
@@ -68,7 +76,8 @@ class VGGBackbone(nn.Module):
         for name, module in self.features.named_children():
             x = module(x)
             if name in self._taps:
-                # Safe to keep without a copy: in-place ReLUs act on a conv's fresh output.
+                # Safe to keep without a copy: in-place ReLUs act on a conv's fresh output, and the
+                # ReLU after a pre-activation tap is a TappedReLU (out of place).
                 out[self._taps[name]] = x
         if self.fc6 is not None:
             x = F.relu(self.fc6(x))
@@ -83,6 +92,15 @@ class VGGBackbone(nn.Module):
 
     def strides(self) -> list[int]:
         return [info.stride for info in self.feature_info.values()]
+
+
+class TappedReLU(nn.ReLU):
+    """A ReLU whose input is read as a pre-activation tap: never in place, never fused into its conv."""
+
+    keeps_input = True
+
+    def __init__(self) -> None:
+        super().__init__(inplace=False)
 
 
 def _linear_as_conv(fc: nn.Linear, in_channels: int, kernel: int, padding: int = 0) -> nn.Conv2d:
@@ -110,6 +128,10 @@ def backbone(name: str = "vgg16", layers: list[str] | tuple[str, ...] = ("conv3_
              weights: str | None = None, frozen: bool = False, pad_fc6: bool = False,
              width: float | None = None, init: str = "kaiming") -> VGGBackbone:
     """Named intermediate features of a VGG, e.g. for a segmentation head.
+
+    ``layers``: ``conv1_1 ... conv5_4`` (after the ReLU), ``conv1_1_pre ... conv5_4_pre``
+    (before it: the conv's output, after its batch norm in ``_bn`` models), ``pool1 ...
+    pool5``, ``lrn1``, ``fc6``, ``fc7``.
 
     Only the layers up to the deepest one asked for are built (with random ``init``) or kept
     (with ``weights``).

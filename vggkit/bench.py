@@ -499,6 +499,7 @@ def data_pipeline(settings: Settings, log) -> list[Row]:
 
 def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> BenchResult:
     """Run every section in this process; ``quick`` does less of each. Returns the rows with machine facts."""
+    from .bench_perceptual import perceptual_rows
     from .runtime import choose_runtime
 
     log = log or (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
@@ -526,6 +527,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     rows += head_finetuning(vgg, settings, log)
     rows += data_pipeline(settings, log)
     peaks.measure()
+    rows += perceptual_rows(settings, log)
     return BenchResult(machine, dict(peaks.gflops), _finish(rows, peaks.gflops), rss, time.perf_counter() - start)
 
 

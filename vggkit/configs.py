@@ -121,3 +121,22 @@ def layer_names(name: str) -> list[str]:
             names.append("lrn1")
         names.append(f"pool{b}")
     return names + ["fc6", "fc7", "fc8"]
+
+
+PRE_ACTIVATION = "_pre"  # conv3_3_pre: conv3_3's ReLU input (after its batch norm where there is one)
+
+
+def tap_names(name: str) -> list[str]:
+    """Every name a backbone can read, in forward order: ``layer_names`` with each conv's
+    ``convB_I_pre`` (before its ReLU) just before ``convB_I`` (after it)."""
+    names: list[str] = []
+    for layer in layer_names(name):
+        if layer.startswith("conv"):
+            names.append(layer + PRE_ACTIVATION)
+        names.append(layer)
+    return names
+
+
+def activation_of(tap: str) -> str:
+    """The layer a tap belongs to: ``conv5_4_pre`` -> ``conv5_4``; other names unchanged."""
+    return tap[: -len(PRE_ACTIVATION)] if tap.endswith(PRE_ACTIVATION) else tap

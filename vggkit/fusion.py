@@ -95,7 +95,9 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module:
                 conv = fuse_conv_bn_eval(conv, sequential._modules[follow[0]])
                 sequential._modules[follow[0]] = nn.Identity()
                 follow = follow[1:]
-            relu = bool(follow) and isinstance(sequential._modules[follow[0]], nn.ReLU)
+            # A ReLU whose input is a pre-activation tap (backbone.TappedReLU) stays a separate module.
+            relu = (bool(follow) and isinstance(sequential._modules[follow[0]], nn.ReLU)
+                    and not getattr(sequential._modules[follow[0]], "keeps_input", False))
             if relu:
                 sequential._modules[follow[0]] = nn.Identity()
             sequential._modules[name] = PackedConv2d(conv, relu)

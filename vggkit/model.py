@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_num_classes, check_width
-from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, ModelSpec, layer_names, resolve
+from .configs import (LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PRE_ACTIVATION, ModelSpec, layer_names, resolve,
+                      tap_names)
 
 FC_HIDDEN = 4096
 POOL5_GRID = 7  # fc6 sees a 7x7 window of pool5: the 224 px training crop over stride 32
@@ -35,8 +36,11 @@ def alexnet_lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
 
-def tap_module(layer: str) -> str:
-    """The module whose output is the named layer: a conv layer is read after its ReLU."""
+def tap_module(layer: str, batch_norm: bool = False) -> str:
+    """The module whose output is the named layer: a conv layer is read after its ReLU, its
+    ``_pre`` form at the ReLU's input (the conv, or its batch norm in ``_bn`` models)."""
+    if layer.endswith(PRE_ACTIVATION):
+        return "features." + ("bn" if batch_norm else "conv") + layer[len("conv") : -len(PRE_ACTIVATION)]
     if layer.startswith("conv"):
         return "features.relu" + layer[len("conv") :]
     if layer in ("fc6", "fc7"):
@@ -48,7 +52,7 @@ def tap_module(layer: str) -> str:
 
 def check_layers(name: str | ModelSpec, layers: list[str]) -> None:
     """Raise ``ValueError`` listing the valid names if any of ``layers`` is unknown."""
-    valid = layer_names(name)
+    valid = tap_names(name)
     unknown = [layer for layer in layers if layer not in valid]
     if unknown:
         raise ValueError(
