@@ -357,7 +357,8 @@ def test_cli_errors_for_missing_or_wrong_checkpoints_typos_and_unwritable_csv(la
     base = ["--data", str(labelled_folder), "--scales", "224", "--workers", "0", "--no-progress"]
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     for model, message in [(str(tmp_path / "missing.pth"), f"Checkpoint not found: {tmp_path / 'missing.pth'}"),
-                           (str(tmp_path / "notes.pth"), "notes.pth is not a checkpoint"),
+                           (str(tmp_path / "notes.pth"),
+                            "notes.pth is not a PyTorch weight file (unrecognised contents)"),
                            ("vgg61", "Unknown VGG model 'vgg61'. Did you mean")]:
         assert main(["evaluate", "--model", model, *base]) == 2
         err = capsys.readouterr().err
@@ -366,7 +367,7 @@ def test_cli_errors_for_missing_or_wrong_checkpoints_typos_and_unwritable_csv(la
     assert not [w for w in recwarn if "No weights given" in str(w.message)]  # no "random weights" for a typo
     image = next((labelled_folder / "cat").iterdir())
     for weights, message in [("imagnet", "Unknown weights 'imagnet'. Did you mean 'imagenet'?"),
-                             (str(image), "is not a checkpoint (not a file written by torch.save")]:
+                             (str(image), "is not a PyTorch weight file (a PNG image)")]:
         assert main(["evaluate", "--model", "vgg11", "--weights", weights, *base]) == 2
         assert message in capsys.readouterr().err
     assert main(["evaluate", "--model", "vgg11", "--weights", "none", *base]) == 2  # random init, 1000 outputs

@@ -217,7 +217,7 @@ def test_misspelt_weights_and_files_that_are_not_checkpoints(photos, tmp_path, c
     with pytest.raises(ValueError, match=r"Unknown weights 'imagnet'\. Did you mean 'imagenet'\?"):
         vggkit.finetune(photos, 2, output_dir=tmp_path, **options)
     image = next((photos / "chelsea").iterdir())
-    with pytest.raises(ValueError, match=r"\.jpg is not a checkpoint \(not a file written by torch\.save"):
+    with pytest.raises(ValueError, match=r"\.jpg is not a PyTorch weight file \(a JPEG image\)"):
         vggkit.finetune(photos, 2, output_dir=tmp_path, **dict(SMALL, weights=str(image)))
     assert main(["finetune", str(photos), "--weights", str(tmp_path / "missing.pth"), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -231,7 +231,8 @@ def test_cli_predict_reads_folders_and_rejects_what_is_not_a_checkpoint(photo_ru
     image = str(next((photos / "chelsea").iterdir()))
     for checkpoint, message in [(tmp_path / "missing.pth", "Checkpoint not found: "),
                                 ("vgg16", "Checkpoint not found: vgg16 (a file such as the model.pth"),
-                                (image, "is not a checkpoint"), (photos, "is a folder; give the checkpoint file")]:
+                                (image, "is not a PyTorch weight file (a JPEG image)"),
+                                (photos, "is a folder; give the checkpoint file")]:
         assert main(["predict", str(checkpoint), image]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vggkit predict: error: ") and message in err and "Traceback" not in err

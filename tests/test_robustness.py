@@ -30,7 +30,8 @@ PEAK_LIMIT_MB = 2048
 
 def run_capped(script: str, tmp_path: Path, timeout: float = 120, env: dict | None = None) -> dict:
     """Run ``script`` in a fresh Python under an address-space cap; it prints one JSON line as its result.
-    -> that dict plus "peak_mb" (its ru_maxrss)."""
+    -> that dict plus "peak_mb": its peak resident memory (VmHWM, which starts afresh at exec; ru_maxrss
+    would carry over the forking pytest process's peak)."""
     prelude = textwrap.dedent(f"""
         import json, resource, sys, warnings
         resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_CAP}, {MEMORY_CAP}))
@@ -38,7 +39,9 @@ def run_capped(script: str, tmp_path: Path, timeout: float = 120, env: dict | No
     """)
     path = tmp_path / "case.py"
     path.write_text(prelude + textwrap.dedent(script)
-                    + "\nprint(json.dumps({**RESULT, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+                    + "\nPEAK_KB = next(int(line.split()[1]) for line in open('/proc/self/status')"
+                      " if line.startswith('VmHWM:'))"
+                    + "\nprint(json.dumps({**RESULT, 'peak_mb': PEAK_KB / 1024}))\n")
     completed = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=timeout,
                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     assert completed.returncode == 0, completed.stderr[-3000:]
