@@ -120,7 +120,7 @@ def test_help_has_examples_and_a_width_of_zero_is_refused(capsys):
     assert exit_.value.code == 0 and "examples: python app.py" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         app_module.parse_args(["--weights", "none", "--width", "0"])
-    assert exit_.value.code == 2 and "--width: must be above 0" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--width: 0: must be a channel multiplier between 1/64" in capsys.readouterr().err
 
 
 def test_served_app_every_endpoint(blocks, bomb, tmp_path):

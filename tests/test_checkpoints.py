@@ -2,6 +2,7 @@
 numbers validated, stale temp files and feature caches removed, and a run killed between any two of
 its end-of-epoch writes resumed to exactly the files of an uninterrupted one."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -219,8 +220,9 @@ def test_feature_cache_left_by_a_killed_finetune_is_removed_at_the_next_run(tmp_
     stale = tmp_path / "out" / "feature_cache" / "train.npy"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"\x93NUMPY" + b"\0" * 4096)  # a memory map of a run killed while caching
-    result = vggkit.finetune(data, 2, model="vgg11", weights=None, width=1 / 16, image_size=32, epochs=1,
-                             batch_size=8, progress=False, output_dir=tmp_path / "out")
+    with pytest.warns(UserWarning, match="head"):  # a frozen random backbone: said to stay at chance
+        result = vggkit.finetune(data, 2, model="vgg11", weights=None, width=1 / 16, image_size=32, epochs=1,
+                                 batch_size=8, progress=False, output_dir=tmp_path / "out", strategy="head")
     assert result.cache_storage == "memory" and not stale.exists()
 
 
@@ -237,7 +239,7 @@ def test_finetune_diverging_from_the_start_stops_with_one_line_and_writes_nothin
 
 
 def test_finetune_stops_on_a_non_finite_loss_keeping_the_last_good_epoch(tmp_path, monkeypatch):
-    finetune_module = sys.modules["vggkit.finetune"]  # the module; vggkit.finetune is the function
+    finetune_module = importlib.import_module("vggkit.finetune")  # the module; vggkit.finetune is the function
 
     data = make_shapes(tmp_path / "shapes", per_class=6, size=32)
     run_epoch, calls = finetune_module.run_epoch, []
@@ -268,8 +270,8 @@ def test_finetune_stops_on_a_non_finite_loss_keeping_the_last_good_epoch(tmp_pat
 KILL_HARNESS = r"""
 import json, os, sys
 from pathlib import Path
-import vggkit
-train_module = sys.modules["vggkit.train"]  # the module; vggkit.train is the function
+import importlib
+train_module = importlib.import_module("vggkit.train")  # the module; vggkit.train is the function
 
 data, output, kill_at, mode, log = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 overrides = json.loads(sys.argv[6])

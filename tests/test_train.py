@@ -59,10 +59,10 @@ def test_a_few_steps_reduce_the_loss_and_write_the_run(imagenet, tmp_path):
     assert losses[-1] < losses[0] - 0.2 and result.history[-1]["val_loss"] < 0.9 < np.log(3), result.history
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("train_loss", "val_loss", "val_top1_error", "val_top5_error", "lr", "images_per_s", "top1_gap"):
+    for key in ("train_loss", "val_loss", "val_top1_error", "val_top5_error", "lr", "images_per_s"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    # Three classes: top-5 always holds the label; the gap is measured against Table 3's 29.6 / 10.4.
-    assert rows[0]["val_top5_error"] == 0.0 and rows[0]["top1_gap"] == pytest.approx(rows[0]["val_top1_error"] - 29.6)
+    # Three classes: top-5 always holds the label; no gap to Table 3's ImageNet errors (not comparable).
+    assert rows[0]["val_top5_error"] == 0.0 and "top1_gap" not in rows[0]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     assert Recipe.load(tmp_path / "run" / "recipe.toml") == Recipe.load("A", overrides)
     best = vggkit.create_model("A", weights=tmp_path / "run" / "best.pt")
