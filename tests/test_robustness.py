@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import vggkit
 from vggkit.data import ImageError, check_rescaled, load_image, scan_folder
 from vggkit.limits import ENV_VAR, max_pixels
 
-from bad_inputs import LONG, NON_UTF8, make_corpus, noise
+from bad_inputs import NON_UTF8, make_corpus, noise
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_CAP = 8 << 30  # address space of the subprocess: torch alone maps ~3.6 GB of it

@@ -361,11 +361,14 @@ def _extraction_rss(queue) -> None:
                "outputs": sum(v.nbytes for v in outputs.values()) / 2 ** 20})
 
 
-def extraction_peak_rss(log) -> dict:
-    log(f"(b) peak RSS of extraction at batch {RSS_BATCH}, in a fresh process")
+def run_probe(target: Callable, args: tuple, what: str):
+    """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on the queue.
+
+    A probe that dies before reporting is one clear error naming ``what``, not a wait forever.
+    """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_extraction_rss, args=(queue,))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
     try:
         while True:
@@ -373,10 +376,15 @@ def extraction_peak_rss(log) -> dict:
                 return queue.get(timeout=5)
             except Empty:
                 if not process.is_alive():
-                    raise RuntimeError(f"The extraction memory probe (a child process) died with exit code "
+                    raise RuntimeError(f"The {what} (a child process) died with exit code "
                                        f"{process.exitcode} before reporting; run `vggkit bench` again.") from None
     finally:
         process.join(timeout=60)
+
+
+def extraction_peak_rss(log) -> dict:
+    log(f"(b) peak RSS of extraction at batch {RSS_BATCH}, in a fresh process")
+    return run_probe(_extraction_rss, (), "extraction memory probe")
 
 
 # --------------------------------------------------------------------------- (c) dense vs multi-crop

@@ -9,16 +9,14 @@ competitor in a fresh process (memory one frees, the allocator may keep).
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import OrderedDict
 from collections.abc import Callable
-from queue import Empty
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import Row, race
+from .bench import Row, race, run_probe
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 256
@@ -106,20 +104,7 @@ def _peak_rss_probe(which: str, weights_path: str, batch: int, queue) -> None:
 
 def peak_rss_growth(which: str, weights_path: str, batch: int) -> float | None:
     """MiB the peak RSS of a fresh process rises over one step of ``which`` (``basicsr`` or ``vggkit``)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_peak_rss_probe, args=(which, weights_path, batch, queue))
-    process.start()
-    try:
-        while True:
-            try:
-                return queue.get(timeout=5)
-            except Empty:
-                if not process.is_alive():
-                    raise RuntimeError(f"The perceptual-loss memory probe ({which}) died with exit code "
-                                       f"{process.exitcode} before reporting; run `vggkit bench` again.") from None
-    finally:
-        process.join(timeout=60)
+    return run_probe(_peak_rss_probe, (which, weights_path, batch), f"perceptual-loss memory probe ({which})")
 
 
 def step_gflop(batch: int = 1) -> float:

@@ -7,7 +7,6 @@ preprocessing, so ``load(path)`` and ``predict(path, images)`` need nothing else
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
