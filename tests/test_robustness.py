@@ -342,3 +342,14 @@ def test_the_corpus_through_every_entry_point_under_a_memory_cap(tmp_path):
     assert cli.returncode == 2 and cli.stderr.splitlines()[-1].startswith("vggkit predict: error: No usable image")
     with pytest.raises(ImageError, match=r"loop\.jpg: a symbolic link loop"):
         vggkit.predict(tmp_path / "out" / "model.pth", [tmp_path / "data" / "a" / "loop.jpg"])
+
+
+def test_predict_paths_counts_each_file_given_once_when_none_is_usable(tmp_path):
+    from vggkit.predict import predict_paths
+
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=2)
+    with pytest.warns(UserWarning, match="notes.jpg: not an image"):
+        with pytest.raises(ValueError, match=r"No usable image among the 1 file\(s\) given"):
+            predict_paths(model, [text])

@@ -125,11 +125,12 @@ def predict_paths(model_or_checkpoint: VGG | str | os.PathLike, paths: Sequence[
     """
     model = _as_model(model_or_checkpoint)
     files, skipped = expand_image_paths(paths)
+    given = len(files) + len(skipped)  # before reading: a file that fails to decode joins ``skipped`` too
     probabilities, kept = _probabilities(model, files, options.pop("batch_size", 32), options.pop("precision", "auto"),
                                          options.pop("device", None), options.pop("progress", False), skipped)
     report_skipped(skipped)
     if not kept:
-        raise ValueError(f"No usable image among the {len(files) + len(skipped)} file(s) given"
+        raise ValueError(f"No usable image among the {given} file(s) given"
                          f"{'; see the warning above' if skipped else ''}.")
     return dict(zip((files[i] for i in kept), _top_k(model, probabilities, top_k)))
 
