@@ -98,9 +98,17 @@ def test_every_tab_in_chromium(offline_app, tmp_path):
             expect(visible(page, "#sm-top5")).to_contain_text("probability")
             expect(visible(page, "#sm-overlay img")).to_be_visible()
             # A class by name: the box shows it back as "index: name".
-            visible(page, "#sm-class textarea").fill("tabby")
-            visible(page, "#sm-class textarea").press("Enter")
-            expect(visible(page, "#sm-class textarea")).to_have_value("281: tabby")
+            # A score-map pass still queued from the upload may land after the Enter and show its own top
+            # class; the box then takes the name again (as a user would type it again).
+            for attempt in range(3):
+                visible(page, "#sm-class textarea").fill("tabby")
+                visible(page, "#sm-class textarea").press("Enter")
+                try:
+                    expect(visible(page, "#sm-class textarea")).to_have_value("281: tabby", timeout=30_000)
+                    break
+                except AssertionError:
+                    if attempt == 2:
+                        raise
             screenshot("class_score_maps")
             # A text file named .jpg: vggkit's own message on the page, and the tab goes on working.
             notes = tmp_path / "notes.jpg"
