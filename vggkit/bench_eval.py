@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from .bench import MODEL, Row, gflops, race
+from .bench_gpu import synchronizer
 
 SCALES = (256, 384, 512)
 MULTICROP_SCALE = 384
@@ -100,7 +101,7 @@ def eval_rows(settings, device: torch.device | str, log) -> list[Row]:
     toy = settings.image_size < CROP
     width = 1 / 32 if toy else 1.0
     workers = 0 if toy else min(16, os.cpu_count() or 1)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     torch.manual_seed(0)
     vgg = create_model(MODEL, num_classes=len(CLASSES), width=width).eval()
     fast = optimize(vgg, device=device)  # one inference copy for every pass

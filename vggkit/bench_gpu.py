@@ -152,19 +152,12 @@ def inference_rows(vgg, settings: DeviceSettings, device: torch.device, log) -> 
 
 
 def device_sections() -> list[Callable]:
-    """The sections after (a), each ``section(vgg, settings, device, log) -> list[Row]``."""
-    sections = []
-    try:
-        from .bench_train import train_rows
-        sections.append(lambda vgg, settings, device, log: train_rows(settings, device, log))
-    except ImportError:
-        pass
-    try:
-        from .bench_eval import eval_rows
-        sections.append(lambda vgg, settings, device, log: eval_rows(settings, device, log))
-    except ImportError:
-        pass
-    return sections
+    """The sections after (a), each ``section(settings, device, log, peaks) -> list[Row]``."""
+    from .bench_eval import eval_rows
+    from .bench_train import train_rows
+
+    return [lambda settings, device, log, peaks: train_rows(settings, device, log, peaks),
+            lambda settings, device, log, peaks: eval_rows(settings, device, log)]
 
 
 def run_device_bench(device: str | torch.device = "cuda", quick: bool = False,
@@ -197,7 +190,7 @@ def run_device_bench(device: str | torch.device = "cuda", quick: bool = False,
     vgg = create_model(MODEL).eval()
     rows = inference_rows(vgg, settings, device, log)
     for section in device_sections():
-        rows += section(vgg, settings, device, log)
+        rows += section(settings, device, log, peaks)
     peaks["bf16"] = max(peaks["bf16"], device_matmul_peak(device, torch.bfloat16))
     return BenchResult(machine, peaks, _finish(rows, peaks, basis="bf16"), seconds=time.perf_counter() - start,
                        peak_basis="bf16")

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .bench import Row, _finish, gflops, race
+from .bench_gpu import device_matmul_peak, synchronizer
+from .runtime import DTYPES
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,13 @@ class TrainSizes:
                    classes=4, workers=0, note="CPU small form: width 1/16, 32 px crops of 64x48 JPEGs")
 
 
-def train_rows(settings, device: torch.device | str, log: Callable[[str], None]) -> list[Row]:
+def train_rows(settings, device: torch.device | str, log: Callable[[str], None],
+               peaks: dict[str, float] | None = None) -> list[Row]:
     """Rows (f), (g) and (h) on ``device``, with their ratios and fractions of the matmul peak filled in.
 
     ``settings``: ``bench.Settings`` or ``bench_gpu.DeviceSettings``; compiled rows run where
-    ``settings.compile`` (or ``slow_rows``) is true."""
+    ``settings.compile`` (or ``slow_rows``) is true. ``peaks`` (GFLOP/s per dtype): the matmul peaks
+    already measured in this run (the device bench's); measured here when not given."""
     from .runtime import choose_runtime
 
     device = torch.device(device)
@@ -74,22 +78,12 @@ def train_rows(settings, device: torch.device | str, log: Callable[[str], None])
         data = make_jpeg_folder(Path(folder) / "data", sizes)
         rows += end_to_end_rows(data, Path(folder), sizes, device, log)
         rows += pipeline_rows(data, sizes, device, settings, log)
-    from .bench_gpu import device_matmul_peak
-
-    peaks = {"fp32": device_matmul_peak(device, torch.float32), dtype: device_matmul_peak(device, _DTYPES[dtype])}
+    if peaks is None or dtype not in peaks:
+        peaks = {"fp32": device_matmul_peak(device, torch.float32), dtype: device_matmul_peak(device, DTYPES[dtype])}
     return _finish(rows, peaks)
 
 
 RECIPES = {"A": "A", "D": "D-256"}  # the model's S=256 recipe
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    from .bench_gpu import synchronizer
-
-    synchronizer(device)()
-
-
 # --------------------------------------------------------------------------- (f) the training step
 
 
@@ -130,7 +124,7 @@ def step_rows(name: str, sizes: TrainSizes, device: torch.device, settings, log)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            _sync(device)
+            synchronizer(device)()
         return steps
 
     step = TrainStep(model(), recipe, runtime, distributed=False, accumulation=1)
@@ -138,7 +132,7 @@ def step_rows(name: str, sizes: TrainSizes, device: torch.device, settings, log)
     def vggkit_steps():
         for _ in range(sizes.steps):
             step(lambda: (x, y))
-        _sync(device)
+        synchronizer(device)()
 
     competitors = {"plain": plain(False), "vggkit": vggkit_steps}
     if compiled_plain:
@@ -255,7 +249,7 @@ def pipeline_rows(data: Path, sizes: TrainSizes, device: torch.device, settings,
                 finish(batch)
                 if i + 1 == batches:
                     break
-            _sync(device)
+            synchronizer(device)()
         return epoch
 
     log(f"{task}: {batches} batches of {sizes.batch} per round")
