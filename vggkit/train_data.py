@@ -16,13 +16,12 @@ from itertools import islice
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .batch_augment import colour_shift, draw_crops, resample_crops
 from .data import PCA_EIGVAL, PCA_EIGVEC, ImageError, ImageListDataset, TrainTransform, load_image
+from .device_decode import decode_jpegs, is_plain_jpeg
 
-JPEG_MAGIC = b"\xff\xd8"
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -119,8 +118,9 @@ class EncodedImages(Dataset):
     """``(index, epoch)`` -> (encoded bytes or decoded (3, H, W) uint8, label, sample seed, path).
 
     Workers only read files; decoding and augmentation run batched on the GPU
-    (``GpuAugment``). Files that are not JPEGs (ImageNet has a few PNGs and CMYK
-    JPEGs under .JPEG names) are decoded here on the CPU instead.
+    (``GpuAugment``). Files nvJPEG would not read as ``load_image`` does (ImageNet has a
+    few PNGs and CMYK JPEGs under .JPEG names; EXIF-rotated and oversized JPEGs) are
+    decoded here on the CPU instead (``device_decode.is_plain_jpeg``).
     """
 
     def __init__(self, samples: list[tuple[str, int]], seed: int) -> None:
@@ -134,25 +134,15 @@ class EncodedImages(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                if data[:2] == JPEG_MAGIC and _is_rgb_or_grey_jpeg(path):
-                    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if is_plain_jpeg(path):  # the same test as evaluation's device decoding
+                    with open(path, "rb") as f:
+                        encoded = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
                 else:
                     encoded = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
                 return encoded.contiguous(), label, sample_seed(self.seed, epoch, index), path
             except (OSError, ImageError) as error:
                 warnings.warn(f"Skipping unreadable image {path}: {error}", stacklevel=2)
         raise RuntimeError("No readable image left in the dataset.")
-
-
-def _is_rgb_or_grey_jpeg(path: str) -> bool:
-    """nvJPEG decodes YCbCr and greyscale JPEGs; CMYK ones go through PIL."""
-    try:
-        with Image.open(path) as image:
-            return image.mode in ("RGB", "L")
-    except OSError:
-        return False
 
 
 def collate_encoded(batch):
@@ -231,6 +221,4 @@ class GpuAugment:
         return images
 
     def _decode_jpeg(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        from .device_decode import decode_jpegs
-
         return decode_jpegs(data, self.device)
