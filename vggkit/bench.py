@@ -542,11 +542,9 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
 def write_outputs(result: BenchResult, json_path: str | os.PathLike | None = None,
                   markdown_path: str | os.PathLike | None = None) -> None:
     """Write the JSON and the Markdown table where asked (each atomically: a temp file, then a rename)."""
+    from .checkpoint_io import atomic_write_text
+
     for path, text in ((json_path, result.to_json()), (markdown_path, result.markdown())):
         if path is None:
             continue
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text + "\n")
-        partial.replace(path)
+        atomic_write_text(text + "\n", path)

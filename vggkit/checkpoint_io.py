@@ -291,15 +291,15 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file through a temp file and a rename (UTF-8; odd names kept as they are)."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
     """``write(tmp)`` then rename ``tmp`` over ``path``; temp files of earlier writes killed half-way go first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

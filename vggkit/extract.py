@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from .backbone import VGGBackbone
+from .checkpoint_io import atomic_write
 from .checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from .data import EvalTransform, ImageError, SeenFiles, image_files, load_image, report_skipped, scan_folder
 from .device_decode import decode_on_device, read_source, resize_all
@@ -56,15 +57,14 @@ class Features:
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (features, labels, paths, class_names, layer, scales), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-        try:
-            np.savez(tmp, features=self.features, labels=self.labels, paths=np.array(self.paths, dtype=str),
-                     class_names=np.array(self.class_names, dtype=str), layer=np.array(self.layer),
-                     scales=np.array(self.scales, dtype=np.int64))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temp file's name
+                np.savez(f, features=self.features, labels=self.labels, paths=np.array(self.paths, dtype=str),
+                         class_names=np.array(self.class_names, dtype=str), layer=np.array(self.layer),
+                         scales=np.array(self.scales, dtype=np.int64))
+
+        atomic_write(path, write)
         return path
 
     @classmethod
