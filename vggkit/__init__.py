@@ -7,6 +7,7 @@ The public API is imported on first use (PEP 562), so ``import vggkit`` and the
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -29,9 +30,14 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # A submodule (vggkit.heads, vggkit.data, ...) is there on first use, as when every module
+        # was imported up front, whatever else has been imported so far.
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'vggkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 
