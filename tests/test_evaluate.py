@@ -204,14 +204,18 @@ CLASSES = ("cat", "dog", "fox")
 SIZES = ((240, 240), (300, 230), (260, 224), (60, 80))
 
 
-@pytest.fixture(scope="module")
-def labelled_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("val")
-    for index, (height, width) in enumerate(SIZES):
+def write_noise_images(root, sizes, suffix: str, first_seed: int = 0, **save_options):
+    """One noise image per (height, width) in ``sizes``, dealt round the CLASSES folders under ``root``."""
+    for index, (height, width) in enumerate(sizes):
         folder = root / CLASSES[index % len(CLASSES)]
         folder.mkdir(exist_ok=True)
-        noise_image(height, width, seed=index).save(folder / f"image{index}.png")
+        noise_image(height, width, seed=first_seed + index).save(folder / f"image{index}{suffix}", **save_options)
     return root
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    return write_noise_images(tmp_path_factory.mktemp("val"), SIZES, ".png")
 
 
 def reference_probabilities(model, path, scales: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -434,11 +438,7 @@ JPEG_SIZES = ((375, 500), (375, 500), (500, 375), (240, 300), (375, 500), (375, 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
     """ImageNet-shaped JPEGs (mostly 500x375, one portrait), a PNG, and a file that is not an image."""
-    root = tmp_path_factory.mktemp("val_jpeg")
-    for index, (height, width) in enumerate(JPEG_SIZES):
-        folder = root / CLASSES[index % len(CLASSES)]
-        folder.mkdir(exist_ok=True)
-        noise_image(height, width, seed=20 + index).save(folder / f"image{index}.jpg", quality=90)
+    root = write_noise_images(tmp_path_factory.mktemp("val_jpeg"), JPEG_SIZES, ".jpg", first_seed=20, quality=90)
     noise_image(250, 260, seed=30).save(root / "cat" / "drawing.png")
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return root

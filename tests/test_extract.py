@@ -101,12 +101,17 @@ def test_default_imagenet_weights_fail_offline(offline_hub):
         extract_features("vgg16", [photo()], progress=False)
 
 
-def test_folder_labels_skipped_files_and_npz_round_trip(model, photos, tmp_path):
-    data = tmp_path / "data"
+def linked_subset(photos: Path, data: Path, per_class: int = 3) -> Path:
+    """``data/<class>/`` holding links to the first ``per_class`` photos of each class of ``photos``."""
     for name in ("chelsea", "coffee"):
         (data / name).mkdir(parents=True)
-        for path in sorted((photos / name).glob("*.jpg"))[:3]:
+        for path in sorted((photos / name).glob("*.jpg"))[:per_class]:
             (data / name / path.name).symlink_to(path)
+    return data
+
+
+def test_folder_labels_skipped_files_and_npz_round_trip(model, photos, tmp_path):
+    data = linked_subset(photos, tmp_path / "data")
     (data / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.warns(UserWarning, match=r"(?s)Skipped 1 file.*broken\.jpg"):
         features = extract_features(model, data, layer="pool5", scales=(64,), progress=False)
@@ -176,11 +181,7 @@ def test_missing_input_small_fc_scales_and_unwritable_output_fail_before_any_wor
 
 def test_device_decode_gives_the_pil_features_and_skips_the_same_files(model, photos, tmp_path):
     """The GPU path (decode_jpeg + tensor rescale), on CPU tensors: the paper's descriptor as with PIL."""
-    data = tmp_path / "data"
-    for name in ("chelsea", "coffee"):
-        (data / name).mkdir(parents=True)
-        for path in sorted((photos / name).glob("*.jpg"))[:3]:
-            (data / name / path.name).symlink_to(path)
+    data = linked_subset(photos, tmp_path / "data")
     photo((230, 300), seed=3).save(data / "coffee" / "portrait.png")
     (data / "chelsea" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     runs = {}
