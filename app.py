@@ -1,4 +1,4 @@
-"""The vggkit app: how a VGG network sees. Gradio layout and wiring only; vggkit.demo computes.
+"""The vggkit app: how a VGG network sees. Gradio layout and wiring only; vggkit.app.demo computes.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model vgg16] [--weights imagenet|timm|caffe|PATH|none]
 """
@@ -21,9 +21,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import gradio as gr  # noqa: E402
 
-from vggkit import demo as views  # noqa: E402
+from vggkit.app import demo as views  # noqa: E402
 from vggkit.cli import positive_float  # noqa: E402
-from vggkit.configs import PAPER_CONFIGS  # noqa: E402
+from vggkit.models.configs import PAPER_CONFIGS  # noqa: E402
 
 EXAMPLES = [str(p) for p in sorted((Path(__file__).resolve().parent / "assets" / "examples").glob("*.jpg"))]
 DEFAULT_EXAMPLE = next((p for p in EXAMPLES if p.endswith("chelsea.jpg")), EXAMPLES[0] if EXAMPLES else None)
@@ -60,7 +60,7 @@ def unopened_uploads(image: gr.Image) -> gr.Image:
 
     gr.Image opens every upload with PIL before the callback runs, so a text file named .jpg, an
     empty file or a decompression bomb ended in Gradio's generic error; this way
-    vggkit.data.load_image decodes and validates the file, and its message reaches the user.
+    vggkit.data.images.load_image decodes and validates the file, and its message reaches the user.
     (An instance attribute, not a subclass: Gradio writes a .pyi file beside any module that
     defines a component class.)
     """
@@ -76,7 +76,7 @@ def unopened_uploads(image: gr.Image) -> gr.Image:
 
 
 def image_input(label: str, elem_id: str) -> gr.Image:
-    """An upload box (files reach vggkit.data.load_image as paths) with the example photographs under it."""
+    """An upload box (files reach vggkit.data.images.load_image as paths) with the example photographs under it."""
     image = unopened_uploads(gr.Image(value=DEFAULT_EXAMPLE, type="filepath", image_mode=None, label=label,
                                       sources=["upload", "clipboard"], height=300, elem_id=elem_id))
     gr.Examples(EXAMPLES, inputs=image, label="Examples")
@@ -91,7 +91,7 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
     """The Blocks app around one network (``width`` < 1 gives a thin model, for tests)."""
     network = views.load_demo_model(model_name, weights, width)
 
-    # ------------------------------------------------------------------ callbacks: vggkit.demo in, components out
+    # ------------------------------------------------------------------ callbacks: vggkit.app.demo in, components out
 
     @user_errors
     def receptive_field(image, config, layer, x=None, y=None):

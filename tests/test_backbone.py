@@ -6,7 +6,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vggkit
-from vggkit.receptive_field import effective_receptive_field
+from vggkit.models.receptive_field import effective_receptive_field
 
 
 def test_equals_create_feature_extractor_on_the_same_weights(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vggkit.batch_augment import FLOAT_BUDGET_BYTES, draw_crops, resample_crops
-from vggkit.data import TrainTransform
-from vggkit.train_data import GpuAugment, sample_seed
+from vggkit.data.batch_augment import FLOAT_BUDGET_BYTES, draw_crops, resample_crops
+from vggkit.data.transforms import TrainTransform
+from vggkit.data.pipeline import GpuAugment, sample_seed
 
 COUNT = 400  # augmented copies per path
 
@@ -44,7 +44,7 @@ def test_large_photos_are_resampled_in_groups_with_the_same_pixels(monkeypatch):
     images = [chw(smooth_image(h, w, i)) for i, (h, w) in enumerate([(90, 120), (60, 80), (200, 150)])]
     draws = draw_crops(torch.arange(3), [tuple(im.shape[-2:]) for im in images], (48, 64), 40, True, 0.0)
     whole = resample_crops(images, draws.box, draws.flip, 40)
-    monkeypatch.setattr("vggkit.batch_augment.FLOAT_BUDGET_BYTES", 3 * 4 * 60 * 60)  # one window per group
+    monkeypatch.setattr("vggkit.data.batch_augment.FLOAT_BUDGET_BYTES", 3 * 4 * 60 * 60)  # one window per group
     assert FLOAT_BUDGET_BYTES > 3 * 4 * 60 * 60
     torch.testing.assert_close(resample_crops(images, draws.box, draws.flip, 40), whole, atol=1e-3, rtol=0)
 

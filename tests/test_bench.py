@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from vggkit import bench
-from vggkit.backbone import VGGBackbone
+from vggkit.bench import cpu as bench
+from vggkit.models.backbone import VGGBackbone
 from vggkit.cli import main
-from vggkit.model import VGG
+from vggkit.models.vgg import VGG
 
 
 def test_flops_are_counted_without_computing():
@@ -69,7 +69,7 @@ def test_device_bench_rows_run_on_the_cpu_at_toy_size(monkeypatch):
     (Rows (f)-(i) have tests of their own.)"""
     import torch
 
-    from vggkit import bench_gpu
+    from vggkit.bench import gpu as bench_gpu
 
     monkeypatch.setattr(bench_gpu, "device_sections", lambda: [])
     result = bench_gpu.run_device_bench("cpu", settings=bench_gpu.DeviceSettings.tiny(), log=lambda message: None)
@@ -95,7 +95,7 @@ def test_cuda_bench_without_a_gpu_is_one_clear_line(capsys, monkeypatch):
 
 def test_evaluation_rows_run_on_the_cpu_at_toy_size():
     """Row (i) at toy size: torchvision's reference loop, then centre, dense, multi-crop and all four."""
-    from vggkit import bench_eval, bench_gpu
+    from vggkit.bench import evaluation as bench_eval, gpu as bench_gpu
 
     rows = bench_eval.eval_rows(bench_gpu.DeviceSettings.tiny(), "cpu", lambda message: None)
     assert [r.how.split(":")[0].split(",")[0] for r in rows] == [

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from vggkit.bench import Settings
-from vggkit.bench_train import TrainSizes, make_jpeg_folder, train_rows
+from vggkit.bench._common import Settings
+from vggkit.bench.training import TrainSizes, make_jpeg_folder, train_rows
 
 
 def test_train_rows_run_every_path_on_the_cpu():
@@ -38,7 +38,7 @@ def test_generated_folder_holds_jpegs_of_the_asked_size(tmp_path):
 
 
 def test_train_rows_take_the_device_bench_settings():
-    from vggkit.bench_gpu import DeviceSettings
+    from vggkit.bench.gpu import DeviceSettings
 
     sizes = TrainSizes.for_device(DeviceSettings.tiny(), torch.device("cpu"))
     assert sizes.batch == 2 and sizes.width == 1 / 16

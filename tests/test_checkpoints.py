@@ -15,8 +15,10 @@ import torch
 from image_folders import make_shapes
 
 import vggkit
-from vggkit.checkpoint_io import atomic_save, read_checkpoint, remove_stale_temps
-from vggkit.weights import WeightsError, save_checkpoint
+from vggkit.utils.atomic import atomic_save, remove_stale_temps
+from vggkit.weights.checkpoint import read_checkpoint
+from vggkit.weights.checkpoint import WeightsError
+from vggkit.weights.factory import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = dict(num_classes=2, width=1 / 16)
@@ -104,7 +106,7 @@ def test_code_carrying_checkpoint_is_refused_on_every_path_without_torch_hint(ti
     net_b = vggkit.create_model("vgg13", **TINY_MODEL)
     for load in (lambda: vggkit.create_model(weights=evil), lambda: vggkit.load(evil),
                  lambda: vggkit.predict(evil, [image_of(tiny)]), lambda: vggkit.init_from(evil, net_b),
-                 lambda: vggkit.weights.checkpoint_metadata(evil)):
+                 lambda: vggkit.weights.factory.checkpoint_metadata(evil)):
         with pytest.raises(WeightsError) as error:
             load()
         message = str(error.value)
@@ -239,7 +241,7 @@ def test_finetune_diverging_from_the_start_stops_with_one_line_and_writes_nothin
 
 
 def test_finetune_stops_on_a_non_finite_loss_keeping_the_last_good_epoch(tmp_path, monkeypatch):
-    finetune_module = importlib.import_module("vggkit.finetune")  # the module; vggkit.finetune is the function
+    finetune_module = importlib.import_module("vggkit.finetuning.finetune")
 
     data = make_shapes(tmp_path / "shapes", per_class=6, size=32)
     run_epoch, calls = finetune_module.run_epoch, []
@@ -271,7 +273,7 @@ KILL_HARNESS = r"""
 import json, os, sys
 from pathlib import Path
 import importlib
-train_module = importlib.import_module("vggkit.train")  # the module; vggkit.train is the function
+train_module = importlib.import_module("vggkit.training.loop")
 
 data, output, kill_at, mode, log = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 overrides = json.loads(sys.argv[6])

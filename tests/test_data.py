@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 import vggkit
-from vggkit.data import EvalTransform, ImageError, ImageListDataset, TrainTransform, load_image, scan_folder
-from vggkit.finetune import prepare_splits
+from vggkit.data.transforms import EvalTransform, TrainTransform
+from vggkit.data.images import ImageError, load_image
+from vggkit.data.folders import ImageListDataset, scan_folder
+from vggkit.data.folders import prepare_splits
 
 SMALL = dict(weights=None, model="vgg11", width=1 / 16, image_size=32, batch_size=8, epochs=1, progress=False)
 

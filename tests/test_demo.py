@@ -1,4 +1,4 @@
-"""vggkit.demo: every computation the app shows, checked against the paper and plain references."""
+"""vggkit.app.demo: every computation the app shows, checked against the paper and plain references."""
 
 from pathlib import Path
 
@@ -9,11 +9,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import vggkit
-from vggkit import demo
-from vggkit.backbone import VGGBackbone
-from vggkit.configs import PAPER_PARAMETERS
-from vggkit.data import ImageError
-from vggkit.receptive_field import receptive_field
+from vggkit.app import demo
+from vggkit.models.backbone import VGGBackbone
+from vggkit.models.configs import PAPER_PARAMETERS
+from vggkit.data.images import ImageError
+from vggkit.models.receptive_field import receptive_field
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 CAT = EXAMPLES / "chelsea.jpg"  # 451 x 300

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from skimage import data as skimage_photos
 
-from vggkit.data import load_image
-from vggkit.device_decode import decode_on_device, is_plain_jpeg, read_source, resize_all, resize_shortest
-from vggkit.protocols import rescaled_view
+from vggkit.data.images import load_image
+from vggkit.data.device_decode import decode_on_device, is_plain_jpeg, read_source, resize_all, resize_shortest
+from vggkit.evaluation.protocols import rescaled_view
 
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_nvjpeg_decodes_and_rescales_on_the_gpu_close_to_pil(jpegs):
 
 
 def test_a_rescaled_size_over_the_pixel_limit_gets_the_pil_paths_reason(jpegs, monkeypatch):
-    from vggkit.data import ImageError, rescale_shortest
+    from vggkit.data.images import ImageError, rescale_shortest
 
     monkeypatch.setenv("VGGKIT_MAX_PIXELS", "300000")  # 500x375 and 341x256 fit; 682x512 does not
     path = jpegs["photo"]

@@ -1,5 +1,6 @@
 """The paper's test protocols (section 3.2): dense, multi-crop, centre, class score maps, and ``evaluate``."""
 
+import importlib
 import numpy as np
 import pytest
 import torch
@@ -7,22 +8,12 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import vggkit
-from vggkit.data import load_image
-from vggkit.evaluate import PROTOCOLS
-from vggkit.preprocess import CAFFE, IMAGENET
-from vggkit.protocols import (
-    class_heatmap,
-    class_score_maps,
-    dense_predict,
-    dense_probabilities_from_maps,
-    dense_score_maps,
-    grid_crops,
-    inference_networks,
-    multicrop_predict,
-    protocol_flops,
-    rescaled_size,
-    rescaled_view,
-)
+from vggkit.data.images import load_image
+from vggkit.evaluation.evaluate import PROTOCOLS
+from vggkit.data.preprocess import CAFFE, IMAGENET
+from vggkit.evaluation.protocols import (class_heatmap, class_score_maps, dense_predict,
+    dense_probabilities_from_maps, dense_score_maps, grid_crops, inference_networks, multicrop_predict,
+    protocol_flops, rescaled_size, rescaled_view)
 
 WIDTH = 1 / 32  # 16 channels in block 5, 128-unit fc6/fc7: a 224 crop runs in a few milliseconds
 
@@ -293,7 +284,7 @@ def test_protocols_equal_a_plain_reference_loop(labelled_folder, tmp_path):
 def test_every_image_is_decoded_once_for_all_protocols(labelled_folder, monkeypatch):
     import sys
 
-    module = sys.modules["vggkit.evaluate"]
+    module = importlib.import_module("vggkit.evaluation.evaluate")
     decoded = []
     monkeypatch.setattr(module, "load_image", lambda path: decoded.append(path) or load_image(path))
     vggkit.evaluate(tiny_model(num_classes=3), labelled_folder, protocol=["center", "dense", "dense+multicrop"],
@@ -392,8 +383,8 @@ def test_cli_errors_for_missing_or_wrong_checkpoints_typos_and_unwritable_csv(la
 
 
 def test_grid_crops_of_a_batch_are_the_crops_sliced_one_by_one():
-    from vggkit.data import grid_offsets
-    from vggkit.protocols import grid_crops_batch
+    from vggkit.data.transforms import grid_offsets
+    from vggkit.evaluation.protocols import grid_crops_batch
 
     images = torch.randint(0, 256, (3, 3, 241, 300), dtype=torch.uint8)
     crops = grid_crops_batch(images)
@@ -408,7 +399,7 @@ def test_batched_dense_and_multicrop_equal_image_by_image_passes():
     """Batched across images (same-size buckets with their mirrors, crops of many images per pass) gives
     the scores of one forward pass per image, mirror image and crop: identical for dense on CPU float32,
     within 1e-6 for multi-crop (the fc layers' GEMM blocking follows the batch size)."""
-    from vggkit.protocols import dense_probabilities_batch, multicrop_probabilities_batch
+    from vggkit.evaluation.protocols import dense_probabilities_batch, multicrop_probabilities_batch
 
     model = tiny_model()
     sizes = ((240, 320), (300, 230), (240, 320), (260, 224), (240, 320))

@@ -10,10 +10,10 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import vggkit
-from vggkit.backbone import VGGBackbone
+from vggkit.models.backbone import VGGBackbone
 from vggkit.cli import main
-from vggkit.data import EvalTransform
-from vggkit.extract import Features, extract_features, probe
+from vggkit.data.transforms import EvalTransform
+from vggkit.features.extract import Features, extract_features, probe
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_bad_arguments_are_clear_errors(model):
     with pytest.raises(ValueError, match="Unknown reduce 'max'"):
         extract_features(model, [photo()], reduce="max", progress=False)
     linear = vggkit.create_model("vgg11", width=1 / 16)
-    vggkit.heads.attach_head(linear, "linear", 2)
+    vggkit.models.heads.attach_head(linear, "linear", 2)
     with pytest.raises(ValueError, match="needs the VGG classifier .* 'linear' head; use .* 'pool5'"):
         extract_features(linear, [photo()], layer="fc7", progress=False)
     with pytest.raises(ValueError, match="fully-convolutional VGG needs an input of at least 224"):
@@ -198,7 +198,7 @@ def test_device_decode_gives_the_pil_features_and_skips_the_same_files(model, ph
 
 
 def test_cli_extract_summarises_a_long_list_of_classes(tmp_path, capsys):
-    from vggkit.extract import summarise_names
+    from vggkit.features.extract import summarise_names
 
     for index in range(12):
         (tmp_path / "data" / f"class{index:02d}").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """Fine-tuning: accuracy from scratch on generated and real images, heads, strategies,
 the feature cache, checkpoints that reload and predict exactly, and the CLI."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,9 +12,9 @@ from image_folders import make_photo_crops, make_stripes
 
 import vggkit
 from vggkit.cli import main
-from vggkit.finetune import prepare_splits, stratified_split
-from vggkit.heads import attach_head, block_starts, freeze, frozen_prefix, parameter_groups
-from vggkit.predict import predict_proba
+from vggkit.data.folders import prepare_splits, stratified_split
+from vggkit.models.heads import attach_head, block_starts, freeze, frozen_prefix, parameter_groups
+from vggkit.evaluation.predict import predict_proba
 
 SMALL = dict(weights=None, width=1 / 16, image_size=64, batch_size=16, num_workers=0, progress=False)
 
@@ -203,7 +204,7 @@ def test_unusable_output_and_weights_are_errors_before_training(photos, tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(sys.modules["vggkit.finetune"], "build_model", no_training)
+    monkeypatch.setattr(importlib.import_module("vggkit.finetuning.finetune"), "build_model", no_training)
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("x")
     with pytest.raises(ValueError, match=r"The output folder .*file\.txt is a file; choose a folder"):

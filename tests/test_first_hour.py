@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import vggkit
-from vggkit.checks import ArgumentError
+from vggkit.utils.checks import ArgumentError
 
 from image_folders import make_photo_crops, make_shapes
 
@@ -52,7 +52,7 @@ def shapes(tmp_path_factory) -> Path:
 def test_cli_module_does_not_import_torch():
     """--help and --version answer at once because nothing heavy is imported to parse arguments."""
     code = ("import sys, vggkit, vggkit.cli; vggkit.cli.build_parser(); "
-            "print(sorted(m for m in ('torch', 'numpy', 'gradio', 'vggkit.weights') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'numpy', 'gradio', 'vggkit.weights.factory') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip()
     assert out == "[]"
@@ -73,16 +73,16 @@ def test_version_and_every_help():
 
 def test_public_api_still_resolves_after_submodule_imports():
     """``vggkit.train`` stays the function although ``vggkit/train.py`` is a module of the same name."""
-    import vggkit.finetune  # noqa: F401
-    import vggkit.train  # noqa: F401
+    import vggkit.finetuning.finetune  # noqa: F401
+    import vggkit.training.loop  # noqa: F401
 
     assert callable(vggkit.train) and callable(vggkit.finetune) and callable(vggkit.evaluate)
     assert set(vggkit.__all__) <= set(dir(vggkit))
 
 
 def test_cli_protocol_choices_match_the_library():
-    from vggkit.cli import PROTOCOL_CHOICES
-    from vggkit.evaluate import PROTOCOLS
+    from vggkit.cli import PROTOCOLS as PROTOCOL_CHOICES
+    from vggkit.evaluation.evaluate import PROTOCOLS
 
     assert PROTOCOL_CHOICES == PROTOCOLS
 
@@ -258,8 +258,8 @@ def test_extract_progress_counts_images(shapes, tmp_path):
 
 
 def test_toy_run_epoch_lines_do_not_compare_with_the_paper():
-    from vggkit.recipe import Recipe
-    from vggkit.train import epoch_summary, target_gap
+    from vggkit.training.recipe import Recipe
+    from vggkit.training.loop import epoch_summary, target_gap
 
     row = {"epoch": 1, "train_loss": 1.0, "val_top1_error": 50.0, "val_top5_error": 10.0, "lr": 0.01,
            "images_per_s": 1.0}
@@ -310,7 +310,7 @@ def test_non_editable_install_ships_recipes_and_app(tmp_path):
     assert run("train", "--recipe", "A", "--help").returncode == 0
     app_help = run("app", "--help")
     assert app_help.returncode == 0 and "--port" in app_help.stdout
-    found = subprocess.run([str(python), "-c", "from vggkit.app_main import load_app; app = load_app(); "
+    found = subprocess.run([str(python), "-c", "from vggkit.app.launch import load_app; app = load_app(); "
                             "print(app.__file__, len(app.EXAMPLES))"], capture_output=True, text=True, env=env,
                            cwd=tmp_path, timeout=120)
     assert found.returncode == 0, found.stderr

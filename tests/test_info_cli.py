@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from vggkit.cli import build_parser, main
-from vggkit.info import layer_rows
-from vggkit.model import VGG
+from vggkit.app.info import layer_rows
+from vggkit.models.vgg import VGG
 
 
 def test_info_table_for_vgg16(capsys):

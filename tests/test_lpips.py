@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import torchvision
 
 import vggkit
-from vggkit.lpips_distance import packaged_lin_weights
-from vggkit.weights import WeightsError, WeightsUnavailableError
+from vggkit.features.lpips_distance import packaged_lin_weights
+from vggkit.weights.checkpoint import WeightsError
+from vggkit.weights.releases import WeightsUnavailableError
 
 lpips = pytest.importorskip("lpips", reason="the lpips package (pip install 'vggkit[lpips]') is the reference")
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import vggkit
-from vggkit.configs import PAPER_CONFIGS, layer_names
+from vggkit.models.configs import PAPER_CONFIGS, layer_names
 
 ALL_NAMES = [f"{c}{bn}" for c in ("vgg11", "vgg11_lrn", "vgg13", "vgg16c", "vgg16", "vgg19") for bn in ("", "_bn")]
 

@@ -6,10 +6,10 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vggkit
-from vggkit.bench_perceptual import BasicSRVGGFeatureExtractor, basicsr_perceptual_loss
-from vggkit.perceptual import gatys_style_distance
-from vggkit.runtime import optimize
-from vggkit.weights import export_state_dict
+from vggkit.bench.perceptual import BasicSRVGGFeatureExtractor, basicsr_perceptual_loss
+from vggkit.features.perceptual import gatys_style_distance
+from vggkit.runtime.engine import optimize
+from vggkit.weights.layouts import export_state_dict
 
 TINY = 1 / 16
 
@@ -189,9 +189,9 @@ def test_bad_arguments_are_one_line_errors():
 
 
 def test_bench_row_counts_two_forwards_and_one_backward_to_conv5_4():
-    from vggkit.bench import gflops
-    from vggkit.bench_perceptual import step_gflop
-    from vggkit.model import VGG
+    from vggkit.bench._common import gflops
+    from vggkit.bench.perceptual import step_gflop
+    from vggkit.models.vgg import VGG
 
     forward = gflops(lambda: vggkit.VGGBackbone(VGG("vgg19"), ["conv5_4_pre"]), (1, 3, 256, 256))
     assert forward == pytest.approx(50.96, abs=0.01)

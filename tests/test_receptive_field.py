@@ -3,7 +3,7 @@
 import pytest
 
 import vggkit
-from vggkit.receptive_field import stack_receptive_field
+from vggkit.models.receptive_field import stack_receptive_field
 
 PAPER = {  # rf / stride / padding at pool1..pool5, and fc6 as a 7x7 conv
     "A": [(4, 2, 1), (10, 4, 3), (30, 8, 11), (70, 16, 27), (150, 32, 59), 342],

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vggkit.recipe import Recipe, apply_overrides, list_recipes, tomllib
+from vggkit.training.recipe import Recipe, apply_overrides, list_recipes, tomllib
 
 # Table 3 of the paper (top-1 / top-5 val error, %), keyed by recipe name.
 TABLE3 = {

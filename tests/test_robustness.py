@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import vggkit
-from vggkit.data import ImageError, check_rescaled, load_image, scan_folder
-from vggkit.limits import ENV_VAR, max_pixels
+from vggkit.data.images import ImageError, check_rescaled, load_image
+from vggkit.data.folders import scan_folder
+from vggkit.utils.limits import ENV_VAR, max_pixels
 
 from bad_inputs import NON_UTF8, make_corpus, noise
 
@@ -102,7 +103,7 @@ def test_the_one_limit_is_read_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1_000_000")
     assert load_image(path).size == (300, 200)
     with pytest.raises(ImageError, match=r"photo\.png: rescaled to shortest side 1024"):
-        vggkit.data.rescale_shortest(load_image(path), 1024)  # 1536x1024 > 1,000,000: named by its file
+        vggkit.data.images.rescale_shortest(load_image(path), 1024)  # 1536x1024 > 1,000,000: named by its file
     monkeypatch.setenv(ENV_VAR, "lots")
     with pytest.raises(ValueError, match="VGGKIT_MAX_PIXELS='lots' must be a positive whole number"):
         load_image(path)
@@ -159,7 +160,7 @@ def test_links_hard_links_and_loops_count_once_and_splits_stay_disjoint(tmp_path
                                  workers=0, progress=False, precision="fp32", device="cpu")
     assert result["center"].n_images == 12  # not 12 + a loop's worth
 
-    from vggkit.finetune import prepare_splits
+    from vggkit.data.folders import prepare_splits
 
     splits = prepare_splits(root, seed=0, verify=False)
     train, val = {os.path.realpath(p) for p, _ in splits.train}, {os.path.realpath(p) for p, _ in splits.val}
@@ -177,7 +178,7 @@ def test_links_hard_links_and_loops_count_once_and_splits_stay_disjoint(tmp_path
     assert [Path(p).name for p, _ in splits.val] == ["own.png", "own.png"]
     assert any("leak.png" in path for path, _ in splits.skipped)
 
-    from vggkit.train import scan_imagenet
+    from vggkit.data.folders import scan_imagenet
 
     with pytest.warns(UserWarning, match="leak.png"):
         train_scan, val_scan = scan_imagenet(root)
@@ -191,7 +192,7 @@ def test_an_empty_train_class_and_an_output_inside_the_data_are_refused(tmp_path
             (root / split / name).mkdir(parents=True)
             if not (split == "train" and name == "square"):
                 noise(40, 40).save(root / split / name / "x.png")
-    from vggkit.train import scan_imagenet
+    from vggkit.data.folders import scan_imagenet
 
     with pytest.raises(ValueError, match=r"Class folder\(s\) \['square'\] in .*train hold no usable image"):
         scan_imagenet(root)
@@ -246,8 +247,8 @@ def test_extreme_aspect_ratios_stay_under_2_gb_in_evaluate_and_the_score_map_vie
         import time, warnings
         from pathlib import Path
         import vggkit
-        from vggkit.data import ImageError
-        from vggkit.demo import DemoModel
+        from vggkit.data.images import ImageError
+        from vggkit.app.demo import DemoModel
         from bad_inputs import noise
         root = Path({str(tmp_path / 'data')!r})
         for name in ("a", "b"):
@@ -292,8 +293,8 @@ def test_the_corpus_through_every_entry_point_under_a_memory_cap(tmp_path):
         import warnings
         from pathlib import Path
         import vggkit
-        from vggkit.data import scan_folder
-        from vggkit.predict import predict_paths
+        from vggkit.data.folders import scan_folder
+        from vggkit.evaluation.predict import predict_paths
         root, out = Path({str(tmp_path / 'data')!r}), Path({str(tmp_path / 'out')!r})
 
         def warned(call):
@@ -345,7 +346,7 @@ def test_the_corpus_through_every_entry_point_under_a_memory_cap(tmp_path):
 
 
 def test_predict_paths_counts_each_file_given_once_when_none_is_usable(tmp_path):
-    from vggkit.predict import predict_paths
+    from vggkit.evaluation.predict import predict_paths
 
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")

@@ -1,4 +1,4 @@
-"""vggkit.runtime: what ``precision="auto"`` picks on which hardware, the inference copy, and the bf16 accuracy guard."""
+"""vggkit.runtime.engine: what ``precision="auto"`` picks on which hardware, the inference copy, and the bf16 accuracy guard."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,9 @@ from PIL import Image
 from torch import nn
 
 import vggkit
-from vggkit import runtime as rt
-from vggkit.fusion import PACKED_SHAPES, PackedConv2d, onednn_available
-from vggkit.info import runtime_report
+from vggkit.runtime import engine as rt
+from vggkit.runtime.fusion import PACKED_SHAPES, PackedConv2d, onednn_available
+from vggkit.app.info import runtime_report
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vggkit.stacks import compared_designs, conv_stack, measure_designs, measured_receptive_field, stack_cost_rows
-from vggkit.weights import count_parameters
+from vggkit.models.stacks import (compared_designs, conv_stack, measure_designs, measured_receptive_field,
+    stack_cost_rows)
+from vggkit.models.vgg import count_parameters
 
 
 def test_paper_numbers_for_three_layers():

@@ -13,11 +13,12 @@ from PIL import Image
 
 import vggkit
 from vggkit.cli import main
-from vggkit.data import TrainTransform
-from vggkit.recipe import Recipe, list_recipes
-from vggkit.train import PRE_INIT_LAYERS, NonFiniteLossError, init_from, plateau_scheduler, split_batch, train
-from vggkit.train_data import EncodedImages, EpochSampler, GpuAugment, ShardSampler, collate_encoded
-from vggkit.weights import save_checkpoint
+from vggkit.data.transforms import TrainTransform
+from vggkit.training.recipe import Recipe, list_recipes
+from vggkit.training.loop import PRE_INIT_LAYERS, init_from, plateau_scheduler, split_batch, train
+from vggkit.training.step import NonFiniteLossError
+from vggkit.data.pipeline import EncodedImages, EpochSampler, GpuAugment, ShardSampler, collate_encoded
+from vggkit.weights.factory import save_checkpoint
 
 CLASSES = ("n00000001", "n00000002", "n00000003")
 # 3 classes x 8 train images, 3 x 3 val (an odd count: padding would be double counted on 2 ranks).
@@ -207,7 +208,7 @@ def test_gpu_decode_path_matches_the_cpu_transform(imagenet):
     # Scale = crop = image side, no flip or colour shift: both paths must give the normalised image.
     exact = TrainTransform(scale=40, crop=40, flip=False, pca_std=0)
     on_device, same_labels = GpuAugment(exact, "cpu")(*batch)
-    reference = torch.stack([exact(vggkit.data.load_image(path)) for path, _ in samples])
+    reference = torch.stack([exact(vggkit.data.images.load_image(path)) for path, _ in samples])
     assert on_device.shape == (4, 3, 40, 40) and torch.equal(same_labels, labels)
     torch.testing.assert_close(on_device, reference, atol=1e-5, rtol=0)
     jitter = GpuAugment(TrainTransform(scale=(36, 60), crop=32), "cpu")
@@ -324,7 +325,7 @@ def test_bf16_autocast_path_trains_on_cpu(imagenet, tmp_path):
 
 
 def test_pipeline_throughput_measures_the_training_transform(imagenet):
-    from vggkit.train_data import pipeline_images_per_second
+    from vggkit.data.pipeline import pipeline_images_per_second
 
     samples = [(str(p), 0) for p in sorted((imagenet / "train" / CLASSES[0]).iterdir())]
     assert pipeline_images_per_second(samples, scale=(36, 48), crop=32, count=10) > 0
@@ -335,7 +336,7 @@ def test_pipeline_throughput_measures_the_training_transform(imagenet):
 
 
 def test_recipes_initialise_from_their_predecessors(tmp_path):
-    from vggkit.train import build_model
+    from vggkit.training.loop import build_model
 
     tiny = ["model.num_classes=3", "model.width=0.0625"]
     net_a = vggkit.create_model("A", num_classes=3, width=0.0625, init="paper")
@@ -350,7 +351,7 @@ def test_recipes_initialise_from_their_predecessors(tmp_path):
 
 
 def test_compile_auto_compiles_long_cuda_runs_only():
-    from vggkit.train import compile_step
+    from vggkit.training.loop import compile_step
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     paper = Recipe.load("D-256")  # 74 epochs of ImageNet: hours

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from vggkit.data import PCA_EIGVAL, PCALighting, TrainTransform, rescale_shortest, rescaled_size
+from vggkit.data.transforms import PCA_EIGVAL, PCALighting, TrainTransform
+from vggkit.data.images import rescale_shortest, rescaled_size
 
 
 def photo(width: int = 500, height: int = 375) -> Image.Image:

@@ -13,8 +13,10 @@ import torch
 import torchvision
 
 import vggkit
-from vggkit.preprocess import CAFFE, IMAGENET
-from vggkit.weights import WeightsError, WeightsUnavailableError, detect_layout, export_state_dict
+from vggkit.data.preprocess import CAFFE, IMAGENET
+from vggkit.weights.checkpoint import WeightsError
+from vggkit.weights.releases import WeightsUnavailableError
+from vggkit.weights.layouts import detect_layout, export_state_dict
 
 TORCHVISION_NAMES = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> the module that defines it
-    "VGG": "model", "FullyConvVGG": "model", "VGGBackbone": "backbone", "backbone": "backbone",
-    "PAPER_PARAMETERS": "configs", "list_models": "configs", "resolve": "configs",
-    "evaluate": "evaluate", "Features": "extract", "extract_features": "extract", "probe": "extract",
-    "FinetuneResult": "finetune", "finetune": "finetune", "load": "predict", "predict": "predict",
-    "Preprocess": "preprocess", "class_heatmap": "protocols", "class_score_maps": "protocols",
-    "dense_predict": "protocols", "optimize": "runtime", "init_from": "train", "train": "train",
-    "effective_receptive_field": "receptive_field", "receptive_field": "receptive_field",
-    "WeightsError": "weights", "WeightsUnavailableError": "weights", "count_parameters": "weights",
-    "create_model": "weights", "export_state_dict": "weights", "save_checkpoint": "weights",
-    "LPIPS": "lpips_distance", "PerceptualLoss": "perceptual", "StyleLoss": "perceptual",
+    "VGG": "models.vgg", "FullyConvVGG": "models.vgg", "count_parameters": "models.vgg",
+    "VGGBackbone": "models.backbone", "PAPER_PARAMETERS": "models.configs", "list_models": "models.configs",
+    "resolve": "models.configs", "effective_receptive_field": "models.receptive_field",
+    "receptive_field": "models.receptive_field", "Preprocess": "data.preprocess",
+    "create_model": "weights.factory", "load": "weights.factory", "backbone": "weights.factory",
+    "save_checkpoint": "weights.factory", "export_state_dict": "weights.layouts",
+    "WeightsError": "weights.checkpoint", "WeightsUnavailableError": "weights.releases",
+    "optimize": "runtime.engine", "init_from": "training.loop", "train": "training.loop",
+    "FinetuneResult": "finetuning.finetune", "finetune": "finetuning.finetune",
+    "evaluate": "evaluation.evaluate", "predict": "evaluation.predict", "class_heatmap": "evaluation.protocols",
+    "class_score_maps": "evaluation.protocols", "dense_predict": "evaluation.protocols",
+    "Features": "features.extract", "extract_features": "features.extract", "probe": "features.extract",
+    "LPIPS": "features.lpips_distance", "PerceptualLoss": "features.perceptual", "StyleLoss": "features.perceptual",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,8 +34,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        # A submodule (vggkit.heads, vggkit.data, ...) is there on first use, as when every module
-        # was imported up front, whatever else has been imported so far.
+        # A subpackage (vggkit.models, vggkit.data, ...) is there on first use, whatever else has been
+        # imported so far. No subpackage shares a name with a function: vggkit.train is always the function.
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'vggkit' has no attribute {name!r}")
@@ -44,16 +45,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    """Keeps ``vggkit.train`` (and finetune, evaluate, ...) the function when its submodule is imported:
-    the import system binds a loaded submodule to the package attribute of the same name."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -2,7 +2,7 @@
 
 Wiring only: each subcommand parses its arguments and calls the library. The library
 (and PyTorch) is imported inside the handlers, so ``--help`` and ``--version`` answer at once.
-Ranges come from ``vggkit.checks``, shared with the Python API; its errors are shown here
+Ranges come from ``vggkit.utils.checks``, shared with the Python API; its errors are shown here
 in the command line's spelling (``--width inf``, not ``width=inf``).
 """
 
@@ -15,30 +15,60 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .checks import ArgumentError, argparse_type, check_fraction, check_int, check_positive, check_side, check_width
+from .utils.checks import (
+    ArgumentError,
+    argparse_type,
+    check_fraction,
+    check_int,
+    check_positive,
+    check_side,
+    check_width,
+)
+from .utils.choices import DECODERS, PRECISIONS, PROTOCOLS
 
 DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit COMMAND --help' for a command's "
                "options and an example.")
-PROTOCOL_CHOICES = ("center", "dense", "multicrop", "dense+multicrop")  # vggkit.evaluate.PROTOCOLS, without torch
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-RELEASES = ("imagenet", "caffe", "timm")
+
+
+
+
+
+
+
 
 # Range-checked argument types: the same checks the API runs, refused while parsing (exit 2, before any work).
 positive_int = argparse_type(lambda v: check_int("value", v, 1), int)
+
+
 non_negative_int = argparse_type(lambda v: check_int("value", v, 0), int)
+
+
 positive_number = argparse_type(lambda v: check_positive("value", v))
+
+
 width_type = argparse_type(lambda v: check_width("width", v))
+
+
 side_type = argparse_type(lambda v: check_side("size", v), int)
+
+
 fraction_type = argparse_type(lambda v: check_fraction("val_fraction", v))
+
+
 positive_float = width_type  # the app's --width
+
 
 # API argument names that the command line spells differently.
 FLAGS = {"num_workers": "--workers", "workers": "--workers", "output_dir": "--output", "model_or_name": "--model",
          "top_k": "--top-k", "data_dir": "DATA_DIR"}
+
+
 API_ARGUMENTS = ("weights", "width", "num_classes", "model", "image_size", "scales", "val_fraction", "patience",
                  "epochs", "lr", "batch_size", "num_workers", "workers", "device", "output_dir", "layer",
                  "strategy", "optimizer", "backbone_lr_scale", "unfreeze_blocks", "stop_after_steps", "top_k",
                  "precision", "protocol", "head", "layout")
+
+
 _API_VALUE = re.compile(r"(?<![\w.\-])(" + "|".join(API_ARGUMENTS) + r")=('[^']*'|\"[^\"]*\"|\[[^\]]*\]|[^\s,;:)]+)")
 
 
@@ -64,7 +94,7 @@ def _error_text(error: Exception) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import layer_table, runtime_report
+    from .app.info import layer_table, runtime_report
 
     if args.runtime:
         print(runtime_report())
@@ -81,8 +111,8 @@ TRAIN_FLAGS = {  # explicit flags of `vggkit train` and the recipe keys they set
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import list_recipes
-    from .train import cleanup_distributed, train
+    from .training.loop import cleanup_distributed, train
+    from .training.recipe import list_recipes
 
     if args.list_recipes:
         print("\n".join(list_recipes()))
@@ -105,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, load_model
+    from .evaluation.evaluate import evaluate, load_model
 
     model = load_model(args.model, _weights_for(args.weights, args.model))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
@@ -121,7 +151,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _weights_for(weights: str | None, model: str | None = None):
     """``--weights`` as the API takes it. Left out: imagenet for a model name, a checkpoint's own weights
     for a checkpoint file (the same for evaluate, extract and finetune); ``none``: random initialisation."""
-    from .paths import looks_like_a_path
+    from .utils.paths import looks_like_a_path
 
     is_file = model is not None and (Path(model).exists() or looks_like_a_path(model))
     if weights is None:
@@ -133,7 +163,7 @@ def _weights_for(weights: str | None, model: str | None = None):
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune
+    from .finetuning.finetune import finetune
 
     result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_for(args.weights),
                       head=args.head, strategy=args.strategy, unfreeze_blocks=args.unfreeze_blocks,
@@ -144,7 +174,7 @@ def _finetune(args: argparse.Namespace) -> int:
                       seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress,
                       log_epochs=True)
     metrics = result.metrics
-    from .data import display_name
+    from .utils.paths import display_name
 
     recalls = ", ".join(f"{display_name(name)} {value:.3f}" for name, value in metrics["recall"].items())
     print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
@@ -155,8 +185,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .extract import extract_features, summarise_names
-    from .paths import writable_file
+    from .features.extract import extract_features, summarise_names
+    from .utils.paths import writable_file
 
     writable_file(args.output, example="features.npz")
     images = args.images[0] if len(args.images) == 1 else args.images
@@ -173,8 +203,8 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .data import display_name
-    from .predict import predict_paths
+    from .evaluation.predict import predict_paths
+    from .utils.paths import display_name
 
     # Folders stand for the image files under them; unusable files are skipped with one warning.
     results = predict_paths(args.checkpoint, args.images, top_k=args.top_k, precision=args.precision,
@@ -189,13 +219,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import run_bench, write_outputs
+    from .bench.cpu import run_bench, write_outputs
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         result = run_bench(quick=args.quick)
     else:
-        from .bench_gpu import run_device_bench
+        from .bench.gpu import run_device_bench
         result = run_device_bench(device, quick=args.quick)
     write_outputs(result, args.json, args.markdown)
     print(result.markdown())
@@ -203,7 +233,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
-    from .app_main import run_app
+    from .app.launch import run_app
 
     app_args = args.app_args[1:] if args.app_args[:1] == ["--"] else args.app_args  # main() put the "--" there
     return run_app(app_args)
@@ -291,19 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
                                             "none (random init); a checkpoint brings its own")
     evaluate.add_argument("--data", required=True, metavar="VAL_DIR", help="class-folder dataset to evaluate on")
     evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P",
-                          choices=PROTOCOL_CHOICES,
+                          choices=PROTOCOLS,
                           help="one or more of center, dense, multicrop, dense+multicrop (default dense)")
     evaluate.add_argument("--scales", nargs="+", type=side_type, default=[256, 384, 512], metavar="Q",
                           help="test scales Q, shortest side in pixels, >= 224 (default 256 384 512)")
     evaluate.add_argument("--no-flip", action="store_true", help="leave out the horizontally flipped images")
     evaluate.add_argument("--batch-size", type=positive_int,
                           help="crops per forward pass and images per window (default 256 on a GPU, 50 on the CPU)")
-    evaluate.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+    evaluate.add_argument("--decode", default="auto", choices=DECODERS,
                           help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
                                "auto: device on a GPU, else pil")
     evaluate.add_argument("--workers", type=non_negative_int,
                           help="image decoding processes (default: CPU count, at most 8)")
-    evaluate.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+    evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
                           help="auto: bf16 where the hardware runs it fast, else fp32")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     evaluate.add_argument("--csv", metavar="PRED.csv", help="write every image's top-5 per protocol to this CSV")
@@ -387,11 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="combine scales: average (default), concatenate, or keep (N, S, D)")
     extract.add_argument("--maps", action="store_true", help="keep the spatial maps (one scale) instead of averaging")
     extract.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    extract.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+    extract.add_argument("--precision", default="auto", choices=PRECISIONS,
                          help="auto (default): bf16 where the hardware runs it fast, else fp32")
     extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     extract.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
-    extract.add_argument("--decode", default="auto", choices=("auto", "pil", "device"),
+    extract.add_argument("--decode", default="auto", choices=DECODERS,
                          help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
                               "auto: device on a GPU, else pil")
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -405,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a vggkit checkpoint (.pth)")
     predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders of them")
     predict.add_argument("-k", "--top-k", type=positive_int, default=5, help="how many classes to list (default 5)")
-    predict.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+    predict.add_argument("--precision", default="auto", choices=PRECISIONS,
                          help="auto (default): bf16 where the hardware runs it fast, else fp32")
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
     predict.set_defaults(handler=_predict)
@@ -429,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     app = sub.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
-                         description="Start the vggkit app on 127.0.0.1 (python -m vggkit.app_main does the same). "
+                         description="Start the vggkit app on 127.0.0.1 (python -m vggkit.app.launch does the same). "
                                      "Every option after 'app' goes to the app; 'vggkit app --help' lists them.",
                          add_help=False)
     app.add_argument("app_args", nargs=argparse.REMAINDER, help="the app's options: --port, --host, --model, "

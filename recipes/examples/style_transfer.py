@@ -21,7 +21,7 @@ from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 import vggkit
-from vggkit.data import ImageError, load_image
+from vggkit.data.images import ImageError, load_image
 
 RANDOM_WEIGHTS_WARNING = ("Random weights (--weights none): the losses are real but VGG has learnt nothing, "
                           "so the picture will not be meaningful. Use --weights imagenet or caffe for a real one.")

@@ -1,0 +1,306 @@
+"""Folders of images: class folders scanned once (links and loops counted once, unreadable files skipped
+and reported), the train/val/test layout, and the stratified split when there is no val/ folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .images import ImageError, check_rescaled, describe_non_file, is_image_file, load_image
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class FolderScan:
+    """The result of scanning a class-folder tree: classes, (path, label) samples and what was skipped."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts = {c: 0 for c in self.classes}
+        for _, label in self.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
+
+class SeenFiles:
+    """Files and folders already counted, by identity (device, inode): a symbolic link to one already
+    seen, a hard link to it, or a folder loop is recognised, so every file counts once.
+
+    Share one between the scans of a run's splits to keep them disjoint.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], str] = {}
+
+    def claim(self, path: str, status: os.stat_result) -> str | None:
+        """None the first time a file or folder is seen; afterwards the path it was first seen under."""
+        key = (status.st_dev, status.st_ino)
+        if key in self.first:
+            return self.first[key]
+        self.first[key] = path
+        return None
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The sorted names of ``root``'s visible sub-folders (links to folders included); nothing is walked."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {root}. Expected one sub-folder per class.")
+    return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
+
+
+def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verify: bool = False,
+                seen: SeenFiles | None = None) -> FolderScan:
+    """Scan ``root/<class>/**/<image>``: class names sorted, files sorted, hidden and non-image files skipped.
+
+    Links are followed, but every file and folder counts once, by identity: a link or hard link
+    to one already seen (in this scan or, with a shared ``seen``, another split's) and folder
+    loops are skipped and listed in ``skipped``, as are FIFOs, devices and broken links named
+    like images. ``verify=True`` decodes every image once and skips the unreadable ones and those
+    too extreme to rescale to 224 px within the pixel limit.
+    Raises a clear ``ValueError`` when ``root`` is missing or holds no class folders.
+    """
+    root = Path(root)
+    found = class_folders(root)
+    if not found:
+        raise ValueError(f"{root} holds no class folders. Expected {root}/<class_name>/<image files>.")
+    classes = list(classes) if classes is not None else found
+    seen = SeenFiles() if seen is None else seen
+    seen.claim(str(root), os.stat(root))  # a link back to the root is a loop, not more data
+    samples: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    # Every class folder is claimed before any is walked: a link inside one class to another class's
+    # folder is then skipped there, not counted as the first class.
+    walked = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        first = seen.claim(str(folder), os.stat(folder))
+        if first:
+            skipped.append((str(folder), f"the same folder as {first} (a link); its files are counted once"))
+        else:
+            walked.append((label, folder))
+    for label, folder in walked:
+        for path in image_files(str(folder), seen, skipped):
+            if verify:
+                try:
+                    image = load_image(path)
+                    check_rescaled(image.width, image.height, 224, path)  # the smallest scale vggkit uses
+                except ImageError as error:
+                    skipped.append((path, error.reason))
+                    continue
+            samples.append((path, label))
+    return FolderScan(root, classes, samples, skipped)
+
+
+def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[str, str]]) -> list[str]:
+    """Regular image files under ``folder`` counted once each, in ``os.walk``'s top-down sorted order;
+    everything left out goes to ``skipped`` with its reason (hidden files and folders silently)."""
+    files: list[str] = []
+    pending = [str(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted((e for e in os.scandir(current) if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append((current, f"cannot list the folder ({error.strerror or error})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                status = os.stat(entry.path)  # follows links
+            except OSError:
+                reason = describe_non_file(entry.path) if is_image_file(entry.path) else "not an image file"
+                skipped.append((entry.path, reason))
+                continue
+            if stat.S_ISDIR(status.st_mode):
+                first = seen.claim(entry.path, status)
+                if first:
+                    skipped.append((entry.path, f"the same folder as {first} (a link or a loop); "
+                                                f"its files are counted once"))
+                else:
+                    subfolders.append(entry.path)
+            elif not is_image_file(entry.path):
+                skipped.append((entry.path, "not an image file (by extension)"))
+            elif not stat.S_ISREG(status.st_mode):
+                skipped.append((entry.path, describe_non_file(entry.path) or "not a regular file"))
+            else:
+                first = seen.claim(entry.path, status)
+                if first:
+                    skipped.append((entry.path, f"the same file as {first} (a link or hard link); counted once"))
+                else:
+                    files.append(entry.path)
+        pending += reversed(subfolders)
+    return files
+
+
+def report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
+    """One warning that lists every skipped file (the first ``limit`` by name) and why."""
+    if not skipped:
+        return
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    more = f"\n  ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    warnings.warn(f"Skipped {len(skipped)} file(s) (unusable, or already counted):\n" + "\n".join(lines) + more,
+                  stacklevel=2)
+
+
+def find_splits(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{"train": ..., "val": ..., "test": ...}`` for the split folders present in ``data_dir`` (may be empty)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {data_dir}")
+    return {s: data_dir / s for s in SPLITS if (data_dir / s).is_dir()}
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples -> (transform(image), label).
+
+    A file that fails to decode during training is reported once and replaced by
+    the next readable sample, so one bad file never stops an epoch.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform=None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.failed: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            if path in self.failed:
+                continue
+            try:  # the transform too: its rescale may refuse an extreme aspect ratio
+                image = load_image(path)
+                return (self.transform(image) if self.transform else image), label
+            except ImageError as error:
+                self.failed[path] = error.reason
+                warnings.warn(f"Skipping unreadable image {path}: {error.reason}", stacklevel=2)
+        raise RuntimeError("No readable image left in the dataset.")
+
+
+def scan_imagenet(data_dir: str | os.PathLike, verify: bool = False):
+    """Scan ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``; val must hold the same classes."""
+    splits = find_splits(data_dir)
+    for split in ("train", "val"):
+        if split not in splits:
+            raise FileNotFoundError(f"{Path(data_dir) / split} not found. Expected the ImageFolder layout "
+                                    f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG.")
+    seen = SeenFiles()  # shared: a validation file linked from train/ is not validated on
+    train_scan = scan_folder(splits["train"], verify=verify, seen=seen)
+    val_classes = class_folders(splits["val"])
+    if val_classes != train_scan.classes:
+        only_val = sorted(set(val_classes) - set(train_scan.classes))
+        only_train = sorted(set(train_scan.classes) - set(val_classes))
+        raise ValueError(
+            f"{splits['val']} and {splits['train']} must hold the same class folders: "
+            f"only in val: {only_val[:10] or 'none'}, only in train: {only_train[:10] or 'none'}. "
+            f"Sort the validation images into one folder per class (wnid), as train/ is.")
+    val_scan = scan_folder(splits["val"], classes=train_scan.classes, verify=verify, seen=seen)
+    report_skipped(train_scan.skipped + val_scan.skipped)
+    for name, scan in (("train", train_scan), ("val", val_scan)):
+        if not scan.samples:
+            raise ValueError(f"{scan.root} holds no usable images.")
+    empty = [name for name, count in train_scan.counts().items() if count == 0]
+    if empty:  # a class never seen in training would still get an output unit, trained only to lose
+        raise ValueError(f"Class folder(s) {empty[:10]} in {train_scan.root} hold no usable image; add images "
+                         f"or remove the folder(s) ({len(empty)} of {len(train_scan.classes)} classes).")
+    return train_scan, val_scan
+
+
+Samples = list[tuple[str, int]]
+
+
+@dataclass
+class DataSplits:
+    """Class names and the (path, label) samples of each split; what was skipped and why."""
+
+    classes: list[str]
+    train: Samples
+    val: Samples
+    test: Samples = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def stratified_split(samples: Samples, num_classes: int, val_fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Split per class with a fixed seed; every class with two or more images gets at least one val image."""
+    rng = random.Random(seed)
+    train: Samples = []
+    val: Samples = []
+    for label in range(num_classes):
+        members = [s for s in samples if s[1] == label]
+        rng.shuffle(members)
+        n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1) if len(members) >= 2 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, val_fraction: float = 0.2,
+                   seed: int = 0, verify: bool = True) -> DataSplits:
+    """Scan ``data_dir`` (``train/``, ``val/``, ``test/`` of class folders, or class folders directly).
+
+    Without a ``val/`` folder the training images are split per class (``val_fraction``,
+    ``seed``). Raises ``ValueError`` before any training when ``num_classes`` disagrees
+    with the folders, or a class has no usable image.
+    """
+    splits = find_splits(data_dir)
+    seen = SeenFiles()  # shared by the splits: a file linked into two of them is used in the first only
+    train_scan = scan_folder(splits.get("train", data_dir), verify=verify, seen=seen)
+    classes = train_scan.classes
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"num_classes={num_classes}, but {train_scan.root} holds {len(classes)} class folder(s): "
+                         f"{', '.join(classes)}. Pass num_classes={len(classes)} or fix the folders.")
+    scans = {"train": train_scan}
+    for split in ("val", "test"):
+        if split in splits:
+            scan = scan_folder(splits[split], classes=classes, verify=verify, seen=seen)
+            unknown = sorted(d.name for d in splits[split].iterdir()
+                             if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
+            if unknown:
+                raise ValueError(f"{splits[split]} has class folder(s) {unknown} that {train_scan.root} lacks; "
+                                 f"the training classes are: {', '.join(classes)}.")
+            scans[split] = scan
+    skipped = [item for scan in scans.values() for item in scan.skipped]
+    _check_classes(train_scan, skipped)
+    if "val" in scans:
+        train, val = train_scan.samples, scans["val"].samples
+    else:
+        train, val = stratified_split(train_scan.samples, len(classes), val_fraction, seed)
+        single = [name for name, count in train_scan.counts().items() if count == 1]
+        if single:
+            warnings.warn(f"Class(es) {single} have a single image: it is used for training only, so validation "
+                          f"says nothing about them. Add images or a val/ folder.", stacklevel=3)
+    if not val:
+        raise ValueError(f"No validation images in {data_dir}: give each class at least two images, "
+                         f"or add a val/ folder of class folders.")
+    test = scans["test"].samples if "test" in scans else []
+    return DataSplits(classes, train, val, test, skipped)
+
+
+def _check_classes(scan: FolderScan, skipped: list[tuple[str, str]]) -> None:
+    counts = scan.counts()
+    empty = [name for name, count in counts.items() if count == 0]
+    if not empty:
+        return
+    if len(empty) == len(counts):
+        raise ValueError(f"No usable images in {scan.root} (class folders: {', '.join(scan.classes)}). "
+                         f"Expected {scan.root}/<class>/<image files>.")
+    why = "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10])
+    raise ValueError(f"Class folder(s) {empty} in {scan.root} hold no usable image; add images or remove the "
+                     f"folder(s).{' Skipped:' + why if why else ''}")

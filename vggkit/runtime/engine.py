@@ -1,0 +1,221 @@
+"""Device, precision, memory format and compilation choices, in one place.
+
+vggkit's own jobs (extract, evaluate, predict, finetune's feature cache, the app)
+run models through a ``Runtime``; users opt in with ``optimize``.
+
+What is fast depends on the hardware, so ``precision="auto"`` detects it:
+
+* CUDA: bfloat16 where the GPU supports it, else float16.
+* A CPU with AMX-bf16 or AVX-512-bf16: bfloat16 *weights* and input in channels_last
+  run several times faster than float32 (autocast alone does not: the weights must be
+  cast), so the optimised copy holds bf16 weights.
+* Any other CPU (AVX2 only, Arm without bf16): float32 in channels_last. There bf16
+  has no hardware path and runs several times slower than float32.
+
+channels_last is used for every conv net: oneDNN's convolutions read NHWC without
+reordering the activations between layers. ``torch.compile`` pays back its compile
+time only on long jobs, and only where it fuses something the eager kernels leave on
+the table (CUDA, bf16 CPUs); on float32 CPUs oneDNN's eager convolutions already hold
+almost all of the time, so ``compile="auto"`` leaves them eager there.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..utils.choices import PRECISIONS
+from .fusion import fuse_for_cpu
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+BF16_ENV = "VGGKIT_CPU_BF16"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags, as /proc/cpuinfo names them.
+
+    Where there is no /proc/cpuinfo (macOS, Windows), the bf16 flags come from
+    PyTorch's own CPU detection, and the set holds only those.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    detected = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+                "amx_bf16": torch.cpu._is_amx_tile_supported()}  # every AMX CPU has AMX-bf16
+    return frozenset(name for name, present in detected.items() if present)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 matmuls natively (AMX-bf16 or AVX-512-bf16).
+
+    The environment variable ``VGGKIT_CPU_BF16=0|1`` overrides the detection.
+    """
+    override = os.environ.get(BF16_ENV)
+    if override in ("0", "1"):
+        return override == "1"
+    return bool(FAST_BF16_CPU_FLAGS & cpu_flags())
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a forward pass runs: device, dtype, channels_last, torch.compile, and why."""
+
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool = True
+    compile: bool = False
+    reason: str = ""
+
+    @property
+    def precision(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+    def describe(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.device.type} {self.precision} {layout}{' compiled' if self.compile else ''}"
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 NCHW batch on this runtime's device, dtype and memory format.
+
+        One copy at most (device, dtype and layout change together); none where ``x``
+        already is what the runtime wants.
+        """
+        if self.channels_last and x.dim() == 4:
+            return x.to(self.device, self.dtype, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, self.dtype, non_blocking=True)
+
+
+def choose_runtime(precision: str = "auto", device: str | torch.device | None = None,
+                   compile: bool | str = False, long_job: bool = False) -> Runtime:
+    """Pick the runtime.
+
+    ``precision="auto"``: bf16 on CUDA with bf16 (else fp16) and on CPUs with
+    AMX/AVX-512-bf16, float32 elsewhere; ``"fp32"|"bf16"|"fp16"`` force one (fp16 is
+    CUDA only). ``compile="auto"`` compiles only ``long_job``s, and only where
+    compilation gains (CUDA, bf16 CPUs).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose from {PRECISIONS}.")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}.")
+    device = torch.device(device) if device is not None else default_device()
+    reason = f"precision={precision!r} asked for"
+    if precision == "auto":
+        if device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16 else "fp16"
+            reason = "CUDA with bf16" if bf16 else "CUDA without bf16: fp16"
+        elif cpu_has_fast_bf16():
+            precision = "bf16"
+            reason = (f"{BF16_ENV}=1" if os.environ.get(BF16_ENV) == "1"
+                      else "CPU with " + " and ".join(sorted(FAST_BF16_CPU_FLAGS & cpu_flags())))
+        else:
+            precision = "fp32"
+            reason = (f"{BF16_ENV}=0" if os.environ.get(BF16_ENV) == "0"
+                      else "CPU without AMX-bf16 or AVX-512-bf16: bf16 would run slower than float32")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 is for CUDA only; on the CPU use 'bf16' or 'fp32'.")
+    if compile == "auto":
+        compile = long_job and (device.type == "cuda" or precision == "bf16")
+    return Runtime(device=device, dtype=DTYPES[precision], channels_last=True, compile=bool(compile),
+                   reason=reason)
+
+
+def _to_float32(out, device: torch.device):
+    """Tensors (also inside dicts, lists, tuples) as float32 on ``device``: one copy at most each."""
+    if isinstance(out, torch.Tensor):
+        return out.to(device, torch.float32)
+    if isinstance(out, dict):
+        return type(out)((k, _to_float32(v, device)) for k, v in out.items())
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float32(v, device) for v in out)
+    return out
+
+
+def inference_copy(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """A copy of ``model`` in eval mode, without gradients, in the runtime's device, dtype and layout.
+
+    Each parameter and floating buffer is converted straight into the copy (one new
+    tensor each, never a full float32 copy first); shared parameters stay shared.
+    On a float32 CPU runtime, conv [+ batch norm] + ReLU run as one oneDNN call on
+    pre-packed weights (``vggkit.runtime.fusion``).
+    """
+    layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        dtype = runtime.dtype if tensor.is_floating_point() else tensor.dtype
+        fmt = layout if tensor.dim() == 4 else torch.contiguous_format
+        return tensor.detach().to(runtime.device, dtype, memory_format=fmt, copy=True)
+
+    memo: dict[int, torch.Tensor] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = nn.Parameter(convert(parameter), requires_grad=False)
+    for buffer in model.buffers():
+        memo[id(buffer)] = convert(buffer)
+    inference = copy.deepcopy(model, memo).eval()
+    if runtime.device.type == "cpu" and runtime.dtype == torch.float32 and runtime.channels_last \
+            and not runtime.compile:
+        fuse_for_cpu(inference)  # compiled copies get inductor's own version of this rewrite
+    return inference
+
+
+class OptimizedModel(nn.Module):
+    """An inference copy of a model under a ``Runtime``.
+
+    Takes ordinary float32 NCHW input on any device and returns float32 (tensors or dicts
+    of tensors) on the device the input came from, so it drops in where the model was:
+    a CPU tensor in, a CPU tensor out, even when the copy runs on the GPU. Runs in
+    inference mode. The original model is left untouched.
+    """
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.model = inference_copy(model, runtime)
+        self._forward = torch.compile(self.model, dynamic=True) if runtime.compile else self.model
+        for attribute in ("preprocess", "class_names", "num_classes", "spec", "feature_info", "weights_info"):
+            if hasattr(model, attribute):
+                setattr(self, attribute, getattr(model, attribute))
+
+    def forward(self, x: torch.Tensor):
+        with torch.inference_mode():
+            return _to_float32(self._forward(self.runtime.input(x)), x.device)
+
+    def train(self, mode: bool = True) -> "OptimizedModel":
+        if mode:
+            raise RuntimeError("An optimized model is an inference copy; train the original float32 model.")
+        return super().train(False)
+
+
+def optimize(model: nn.Module, precision: str = "auto", device: str | torch.device | None = None,
+             compile: bool | str = False, long_job: bool = False) -> OptimizedModel:
+    """A fast inference copy of ``model``: bf16/channels_last where the hardware runs them fast.
+
+    Input: float32 (N, 3, H, W) on any device; output: float32 on the input's device.
+    ``model`` itself is not changed. ``compile="auto"`` compiles only a ``long_job``.
+    An ``OptimizedModel`` given here is re-made from its inner copy, not wrapped twice,
+    on the device it was given unless ``device`` says otherwise.
+    """
+    if isinstance(model, OptimizedModel):
+        device = model.runtime.device if device is None else device
+        model = model.model
+    return OptimizedModel(model, choose_runtime(precision, device, compile, long_job))
