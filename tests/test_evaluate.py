@@ -1,6 +1,7 @@
 """The paper's test protocols (section 3.2): dense, multi-crop, centre, class score maps, and ``evaluate``."""
 
 import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +10,21 @@ from torchvision.transforms import functional as TF
 
 import vggkit
 from vggkit.data.images import load_image
-from vggkit.evaluation.evaluate import PROTOCOLS
 from vggkit.data.preprocess import CAFFE, IMAGENET
-from vggkit.evaluation.protocols import (class_heatmap, class_score_maps, dense_predict,
-    dense_probabilities_from_maps, dense_score_maps, grid_crops, inference_networks, multicrop_predict,
-    protocol_flops, rescaled_size, rescaled_view)
+from vggkit.evaluation.evaluate import PROTOCOLS
+from vggkit.evaluation.protocols import (
+    class_heatmap,
+    class_score_maps,
+    dense_predict,
+    dense_probabilities_from_maps,
+    dense_score_maps,
+    grid_crops,
+    inference_networks,
+    multicrop_predict,
+    protocol_flops,
+    rescaled_shape,
+    rescaled_view,
+)
 
 WIDTH = 1 / 32  # 16 channels in block 5, 128-unit fc6/fc7: a 224 crop runs in a few milliseconds
 
@@ -137,7 +148,7 @@ def test_protocol_flops_count_crops_and_whole_images():
     assert cost["multicrop"] == [50 * crop["dense"][0]] * 3
     assert cost["dense"][0] < cost["dense"][1] < cost["dense"][2] < cost["multicrop"][0]
     for height, width in ((375, 500), (500, 375), (60, 80), (224, 224)):
-        assert rescaled_view(noise_image(height, width), 384).shape[1:] == rescaled_size(height, width, 384)
+        assert rescaled_view(noise_image(height, width), 384).shape[1:] == rescaled_shape(width, height, 384)
 
 
 def test_bad_scales_and_models_are_clear_errors():
@@ -282,7 +293,6 @@ def test_protocols_equal_a_plain_reference_loop(labelled_folder, tmp_path):
 
 
 def test_every_image_is_decoded_once_for_all_protocols(labelled_folder, monkeypatch):
-    import sys
 
     module = importlib.import_module("vggkit.evaluation.evaluate")
     decoded = []
@@ -399,7 +409,10 @@ def test_batched_dense_and_multicrop_equal_image_by_image_passes():
     """Batched across images (same-size buckets with their mirrors, crops of many images per pass) gives
     the scores of one forward pass per image, mirror image and crop: identical for dense on CPU float32,
     within 1e-6 for multi-crop (the fc layers' GEMM blocking follows the batch size)."""
-    from vggkit.evaluation.protocols import dense_probabilities_batch, multicrop_probabilities_batch
+    from vggkit.evaluation.protocols import (
+        dense_probabilities_batch,
+        multicrop_probabilities_batch,
+    )
 
     model = tiny_model()
     sizes = ((240, 320), (300, 230), (240, 320), (260, 224), (240, 320))

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from vggkit.data.images import rescale_shortest, rescaled_wh
 from vggkit.data.transforms import PCA_EIGVAL, PCALighting, TrainTransform
-from vggkit.data.images import rescale_shortest, rescaled_size
 
 
 def photo(width: int = 500, height: int = 375) -> Image.Image:
@@ -38,7 +38,7 @@ def test_crop_equals_rescaling_the_whole_image_then_cropping(size):
 
 def test_rescaled_size_rounds_as_torchvision():
     for width, height, size in [(500, 375, 256), (375, 500, 384), (333, 1000, 256), (640, 640, 512)]:
-        assert rescaled_size(width, height, size) == rescale_shortest(Image.new("RGB", (width, height)), size).size
+        assert rescaled_wh(width, height, size) == rescale_shortest(Image.new("RGB", (width, height)), size).size
 
 
 def test_scale_below_the_crop_is_an_error():

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
-from ..data.images import ImageError, load_image, rescale_shortest, rescaled_size
+from ..data.images import ImageError, load_image, rescale_shortest, rescaled_wh
 from ..evaluation.protocols import check_scales, dense_probabilities_from_maps, dense_score_maps, heatmap_from_maps
 from ..models.backbone import VGGBackbone
 from ..models.configs import CONFIG_BLOCKS, DEPTHS, PAPER_CONFIGS, PAPER_PARAMETERS, layer_names, resolve
@@ -144,12 +144,12 @@ def check_rescaled_size(size: tuple[int, int], scales: tuple[int, ...],
     """
     width, height = size
     scale = max(scales)
-    new_width, new_height = rescaled_size(width, height, scale)
+    new_width, new_height = rescaled_wh(width, height, scale)
     if new_width * new_height <= max_pixels:
         return
     short, long = min(width, height), max(width, height)
     largest = math.isqrt(max_pixels * short // long)  # the Q whose rescaled image just fits, within rounding
-    while largest >= CROP and math.prod(rescaled_size(width, height, largest)) > max_pixels:
+    while largest >= CROP and math.prod(rescaled_wh(width, height, largest)) > max_pixels:
         largest -= 1
     advice = (f"pick test scales up to Q = {largest}" if largest >= CROP else
               f"crop it to an aspect ratio of at most 1:{max_pixels // CROP ** 2} (the limit at Q = {CROP})")
@@ -595,7 +595,7 @@ def score_map_sizes(size: tuple[int, int], scales: tuple[int, ...]) -> pd.DataFr
     """Per Q: the rescaled image and its raw class score map, floor(side / 32) - 6 on each side."""
     rows = []
     for scale in scales:
-        width, height = rescaled_size(*size, scale)
+        width, height = rescaled_wh(*size, scale)
         rows.append({"Q": scale, "rescaled image (W x H)": f"{width} x {height}",
                      "class score map (w x h)": f"{math.floor(width / 32) - 6} x {math.floor(height / 32) - 6}"})
     return pd.DataFrame(rows)

@@ -15,7 +15,6 @@ from queue import Empty
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-pass
 
 
 
@@ -246,7 +245,6 @@ def device_matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16
                        rounds: int = 10) -> float:
     """Best GFLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device`` (the CPU bench's own probe on a CPU)."""
     if device.type != "cuda":
-        pass
         return matmul_peak(dtype)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -57,7 +57,7 @@ def draw_crops(seeds: torch.Tensor, sizes: list[tuple[int, int]], scale: tuple[i
     u = uniforms(seeds, 8)
     heights, widths = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
     s = scale[0] + np.minimum(np.floor(u[:, 0] * (scale[1] - scale[0] + 1)), scale[1] - scale[0]).astype(np.int64)
-    # Shortest side -> S, the other int(S * long / short): torchvision's rule, as data.rescaled_size.
+    # Shortest side -> S, the other int(S * long / short): torchvision's rule, as data.images.rescaled_wh.
     wide = widths >= heights
     new_w = np.where(wide, (s * widths / heights).astype(np.int64), s)
     new_h = np.where(wide, s, (s * heights / widths).astype(np.int64))

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from ..utils.limits import over_limit
-from .images import ImageError, check_rescaled, load_image, rescaled_size
+from .images import ImageError, check_rescaled, load_image, rescaled_wh
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -128,10 +128,10 @@ def _decode_one(data: torch.Tensor, source: Source, device: torch.device | str) 
 def resize_shortest(images: torch.Tensor, scale: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> uint8 (N, 3, H', W') with shortest side ``scale``, on their device.
 
-    Bilinear with antialiasing, sizes rounded as ``data.rescaled_size`` (torchvision's rule).
+    Bilinear with antialiasing, sizes rounded as ``data.images.rescaled_wh`` (torchvision's rule).
     """
     height, width = images.shape[-2:]
-    new_width, new_height = rescaled_size(width, height, scale)
+    new_width, new_height = rescaled_wh(width, height, scale)
     if (new_height, new_width) == (height, width):
         return images
     resized = F.interpolate(images.float(), size=(new_height, new_width), mode="bilinear", antialias=True,

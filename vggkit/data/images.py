@@ -128,8 +128,9 @@ def _check_pixels(image: Image.Image, path, max_pixels: int | None) -> None:
         raise ImageError(path, f"{reason}; refused as a possible decompression bomb (downscale it first)")
 
 
-def rescaled_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after an isotropic rescale to shortest side ``size``, rounded as torchvision does."""
+def rescaled_wh(width: int, height: int, size: int) -> tuple[int, int]:
+    """PIL's (width, height) after an isotropic rescale to shortest side ``size``, rounded as torchvision does
+    (``evaluation.protocols.rescaled_shape`` gives the same in tensor order)."""
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
@@ -139,7 +140,7 @@ def check_rescaled(width: int, height: int, size: int, path: str | os.PathLike =
     """(width, height) after a rescale to shortest side ``size``, or ``ImageError`` when that size is over
     ``vggkit.utils.limits.max_pixels()``: an extreme aspect ratio (10000x2 at 384 is 1,920,000x384) is refused
     before anything is allocated."""
-    new_width, new_height = rescaled_size(width, height, size)
+    new_width, new_height = rescaled_wh(width, height, size)
     reason = over_limit(new_width, new_height, f"rescaled to shortest side {size}, this {width}x{height} image")
     if reason:
         raise ImageError(path, f"{reason}; its aspect ratio is too extreme, crop it first")

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from .images import rescale_shortest
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -40,9 +42,7 @@ class Preprocess:
     name: str = "imagenet"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        from .images import rescale_shortest  # checks the rescaled size against vggkit's pixel limit
-
-        image = rescale_shortest(image.convert("RGB"), self.resize_size)
+        image = rescale_shortest(image.convert("RGB"), self.resize_size)  # checks vggkit's pixel limit
         image = TF.center_crop(image, self.input_size)
         return self.normalize(TF.to_tensor(image))
 

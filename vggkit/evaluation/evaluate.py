@@ -138,13 +138,13 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     if not path.exists() and looks_like_a_path(model):
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     if not path.exists():
-        resolve(str(model))  # a misspelt name is an error before the warning below
+        spec = resolve(str(model))  # a misspelt name is an error before the warning below
         if weights is not None and str(weights).lower() not in RELEASES:
             check_weights_name(weights)
         if weights is None:
             warnings.warn(f"Evaluating a randomly initialised {model} (seed {RANDOM_INIT_SEED}): its errors are "
                           f"chance level. Pass weights='imagenet', 'caffe', 'timm' or a file.", stacklevel=2)
-        return create_model(str(model), weights=weights, seed=RANDOM_INIT_SEED if weights is None else None)
+        return create_model(spec, weights=weights, seed=RANDOM_INIT_SEED if weights is None else None)
     check_checkpoint_file(path)
     if weights is not None:
         raise ValueError(f"{path} is a checkpoint file and brings its own weights; leave out the weights "
@@ -157,7 +157,7 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     if head != "vgg":
         raise ValueError(f"{path} has a {head!r} head; the paper's protocols need its classifier head "
                          f"(fc6-fc8), as fine-tuning with head='vgg' keeps it.")
-    return create_model(meta["model_name"], weights=path)
+    return create_model(meta["spec"], weights=path)
 
 
 def check_protocols(protocol: str | Sequence[str]) -> list[str]:

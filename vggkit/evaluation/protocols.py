@@ -29,8 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
 from ..data.device_decode import resize_all
-from ..data.images import load_image, rescale_shortest
-from ..data.images import rescaled_size as data_rescaled_size
+from ..data.images import load_image, rescale_shortest, rescaled_wh
 from ..data.preprocess import IMAGENET, Preprocess
 from ..data.transforms import grid_offsets
 from ..models.vgg import VGG, FullyConvVGG
@@ -155,9 +154,10 @@ def check_scales(scales: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(check_side("scales", int(s)) for s in scales)
 
 
-def rescaled_size(height: int, width: int, scale: int) -> tuple[int, int]:
-    """(H, W) after ``rescaled_view``: the shortest side becomes ``scale``, the other keeps the aspect ratio."""
-    new_width, new_height = data_rescaled_size(width, height, scale)
+def rescaled_shape(width: int, height: int, scale: int) -> tuple[int, int]:
+    """The tensor shape (H, W) ``rescaled_view`` gives a ``width`` x ``height`` image: the shortest side
+    becomes ``scale``, the other keeps the aspect ratio (``data.images.rescaled_wh``, in tensor order)."""
+    new_width, new_height = rescaled_wh(width, height, scale)
     return new_height, new_width
 
 
@@ -410,5 +410,5 @@ def protocol_flops(model: nn.Module, height: int, width: int, scales: int | Sequ
         return counter.get_total_flops()
 
     crops = GRID * GRID * views * flops(shape_only, 1, (CROP, CROP))
-    sizes = [rescaled_size(height, width, q) for q in check_scales(scales)]
+    sizes = [rescaled_shape(width, height, q) for q in check_scales(scales)]
     return {"dense": [flops(dense, views, size) for size in sizes], "multicrop": [crops] * len(sizes)}

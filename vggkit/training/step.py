@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..runtime.engine import Runtime
 from .recipe import Recipe
 
-pass
 
 
 

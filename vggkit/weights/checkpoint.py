@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..data.preprocess import Preprocess
+from ..models.configs import ModelSpec, resolve
+from ..models.heads import HEADS
 from ..utils.choices import RELEASES
 from ..utils.paths import looks_like_a_path
 
@@ -29,7 +32,6 @@ from ..utils.paths import looks_like_a_path
 def check_checkpoint_file(path: str | os.PathLike, what: str = "Checkpoint") -> Path:
     """``path`` as a Path if it is a regular file that looks like a weight file; else a one-line error
     saying what it is (missing, a folder, a FIFO, a symlink loop, an image...)."""
-    pass
 
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -187,19 +189,16 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_metadata(meta: dict, path: str | os.PathLike) -> None:
-    """Every field of a vggkit checkpoint's metadata, each refused with a message naming it and ``path``."""
-    from ..data.preprocess import Preprocess
-    from ..models.configs import resolve
-    from ..models.heads import HEADS
-
+def check_metadata(meta: dict, path: str | os.PathLike) -> ModelSpec:
+    """Every field of a vggkit checkpoint's metadata, each refused with a message naming it and ``path``;
+    returns its model name resolved, so nothing downstream resolves it again."""
     if "state_dict" in meta and not isinstance(meta["state_dict"], dict):
         raise field_error(path, "state_dict", f"is a {type(meta['state_dict']).__name__}, not the weights")
     name = meta.get("model_name")
     if not isinstance(name, str):
         raise field_error(path, "model_name", f"is {name!r}, not a model name such as 'vgg16'")
     try:
-        resolve(name)
+        spec = resolve(name)
     except (KeyError, ValueError):
         raise field_error(path, "model_name", f"is {name!r}, not one of vggkit's configurations") from None
     classes = meta.get("num_classes")
@@ -227,6 +226,7 @@ def check_metadata(meta: dict, path: str | os.PathLike) -> None:
             raise field_error(path, "head.hidden", f"is {head['hidden']!r}, not a positive whole number")
         if "dropout" in head and not (_finite_number(head["dropout"]) and 0 <= head["dropout"] < 1):
             raise field_error(path, "head.dropout", f"is {head['dropout']!r}, not a probability in [0, 1)")
+    return spec
 
 
 def _check_preprocess(values, path, preprocess_type) -> None:

@@ -1,12 +1,6 @@
-"""Weight sources, key mapping between layouts, and the hub cache.
-
-Layouts, detected from the keys of a state dict:
-
-- ``vggkit``: ``features.conv1_1.weight``, ``classifier.fc6.weight`` (this package);
-- ``torchvision``: ``features.N.*``, ``classifier.0/3/6.*`` (also the Caffe ports such
-  as ``vgg16-00b39a1b.pth``, which share torchvision's keys but expect Caffe input);
-- ``timm``: ``features.N.*``, ``pre_logits.fc1/fc2`` stored as 7x7/1x1 convs, ``head.fc``;
-- ``caffe``: ``conv1_1.weight`` ... ``fc8.weight``, the names of the original prototxt.
+"""Every way to get a model: ``create_model`` (a name, a release or a file), ``load`` (a vggkit
+checkpoint), ``backbone`` (named features), ``load_weights`` (into a model in place) and
+``save_checkpoint``. A model name is resolved once, into a ``ModelSpec`` that is passed down.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: a checkpoint
 is data, never code.
@@ -22,13 +16,21 @@ from torch import nn
 
 from ..data.preprocess import CAFFE, IMAGENET, Preprocess
 from ..models.backbone import VGGBackbone
+from ..models.configs import ModelSpec, resolve
 from ..models.heads import attach_head
 from ..models.vgg import VGG, check_layers, init_parameters
 from ..utils.atomic import atomic_save
 from ..utils.checks import check_choice
-from .checkpoint import WeightsError, check_checkpoint_file, check_finite, check_metadata, read_checkpoint
+from .checkpoint import (
+    check_checkpoint_file,
+    check_finite,
+    check_metadata,
+    read_checkpoint,
+)
 from .layouts import LAYOUTS, convert_state_dict, detect_layout
 from .releases import CAFFE_PORT_FILES, _is_release, _read_release
+
+DEFAULT_MODEL = "vgg16"  # the name where none is given: the network most people mean by VGG
 
 
 def backbone(name: str = "vgg16", layers: list[str] | tuple[str, ...] = ("conv3_3", "conv4_3", "conv5_3"),
@@ -46,17 +48,16 @@ def backbone(name: str = "vgg16", layers: list[str] | tuple[str, ...] = ("conv3_
     >>> fe = backbone("vgg16", layers=["conv3_3", "conv4_3", "conv5_3"])
     >>> {k: v.shape for k, v in fe(torch.zeros(1, 3, 224, 224)).items()}  # strides 4, 8, 16
     """
-    from ..data.preprocess import IMAGENET
-    pass
 
-    check_layers(name, list(layers))
+    spec = resolve(name)
+    check_layers(spec, list(layers))
     if weights is not None:
-        return VGGBackbone(create_model(name, weights=weights, width=width), list(layers),
+        return VGGBackbone(create_model(spec, weights=weights, width=width), list(layers),
                            frozen=frozen, pad_fc6=pad_fc6)
     # Random weights: lay the network out on the meta device, keep what the taps need, and
     # allocate and initialise only that (vgg16's conv3_3 taps: 1.7M of 138M parameters).
     with torch.device("meta"):
-        vgg = VGG(name, width=1.0 if width is None else width, init=init)
+        vgg = _build(spec, width=width, init=init)
     fe = VGGBackbone(vgg, list(layers), pad_fc6=pad_fc6).to_empty(device="cpu")
     init_parameters(fe, init, linear_like=tuple(c for c in (fe.fc6, fe.fc7) if c is not None))
     fe.preprocess = IMAGENET
@@ -74,7 +75,8 @@ def read_weights_file(path: str | os.PathLike, check_values: bool = True) -> dic
     """
     loaded = read_checkpoint(path)
     if loaded.get("format") == "vggkit":
-        check_metadata({"state_dict": None, **loaded}, path)
+        # The name is resolved here, once, and travels with the metadata as ``spec``.
+        loaded = {**loaded, "spec": check_metadata({"state_dict": None, **loaded}, path)}
     if check_values:
         check_finite(unwrap_checkpoint(loaded)[0], path)
     return loaded
@@ -147,7 +149,7 @@ def load_weights(model: VGG, weights: str | os.PathLike, layout: str | None = No
     if layout is not None:
         check_choice("layout", layout, LAYOUTS)
     if _is_release(weights):
-        state, preprocess, info = _read_release(model.name, weights.lower(), progress)
+        state, preprocess, info = _read_release(model.spec, weights.lower(), progress)
         return _apply(model, state, {}, preprocess, info, layout, fresh_fc8=model.num_classes != 1000)
     state, meta, preprocess, info = _read_path(weights, layout)
     return _apply(model, state, meta, preprocess, info, layout)
@@ -166,44 +168,54 @@ def _guess_metadata(state: dict) -> dict:
     return {"num_classes": int(state[fc8].shape[0])} if fc8 in state else {}
 
 
-def create_model(name: str | None = None, weights: str | os.PathLike | None = None,
+def _build(spec: ModelSpec | None, num_classes: int | None = None, dropout: float = 0.5,
+           width: float | None = None, init: str = "kaiming", head: dict | None = None) -> VGG:
+    """The one place the factories construct a VGG: defaults filled in, a saved non-paper head attached."""
+    model = VGG(spec or resolve(DEFAULT_MODEL), num_classes=1000 if num_classes is None else num_classes,
+                dropout=dropout, width=1.0 if width is None else width, init=init)
+    if head and head.get("type", "vgg") != "vgg":
+        attach_head(model, head["type"], model.num_classes, hidden=int(head.get("hidden", 512)),
+                    dropout=float(head.get("dropout", dropout)))
+    return model
+
+
+def create_model(name: str | ModelSpec | None = None, weights: str | os.PathLike | None = None,
                  num_classes: int | None = None, dropout: float = 0.5, width: float | None = None,
                  init: str = "kaiming", layout: str | None = None, progress: bool = True,
                  seed: int | None = None) -> VGG:
-    """Build a VGG of Table 1 and optionally load weights into it.
+    """Build a VGG of Table 1 and optionally load weights into it: every way vggkit gets a model ends here.
 
     ``weights``: None (random ``init``), ``"imagenet"`` (torchvision's release),
     ``"caffe"`` (the original release, vgg16/vgg19), ``"timm"``, or a path to a file in
-    any known layout. ``name``, ``num_classes`` and ``width`` default to the file's own
+    any known layout. ``name``, ``num_classes``, ``width`` and the head default to the file's own
     (vggkit checkpoints), else ``"vgg16"``, 1000 and 1.0. Returns an ordinary float32 ``nn.Module`` with
     ``.preprocess`` set to the weights' input transform. ``seed``: random init from this seed
     (the same network on every call; the global RNG is left as it was), else from the global RNG.
     """
     if layout is not None:
         check_choice("layout", layout, LAYOUTS)
+    spec = None if name is None else resolve(name)  # resolved once here, then passed down
     if weights is None:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = VGG(name or "vgg16", num_classes=1000 if num_classes is None else num_classes,
-                        dropout=dropout, width=1.0 if width is None else width, init=init)
+            model = _build(spec, num_classes, dropout, width, init)
         model.preprocess = IMAGENET
         return model
     if _is_release(weights):
-        name = name or "vgg16"
-        read = _read_release(name, weights.lower(), progress)
-        state, meta, preprocess, info = read[0], {}, read[1], read[2]
+        spec = spec or resolve(DEFAULT_MODEL)
+        state, preprocess, info = _read_release(spec, weights.lower(), progress)
+        meta = {}
     else:
         state, meta, preprocess, info = _read_path(weights, layout)
         meta = {**_guess_metadata(state), **meta}
-        name = name or meta.get("model_name") or "vgg16"
+        spec = spec or meta.get("spec")
         num_classes = num_classes if num_classes is not None else meta.get("num_classes")
         width = width if width is not None else meta.get("width")
         dropout = meta.get("dropout", dropout)
     # Built on the meta device: every tensor is about to be overwritten, so skip the random init.
     with torch.device("meta"):
-        model = VGG(name, num_classes=1000 if num_classes is None else num_classes, dropout=dropout,
-                    width=1.0 if width is None else width, init=init)
+        model = _build(spec, num_classes, dropout, width, init, head=meta.get("head"))
     model.to_empty(device="cpu")
     fresh_fc8 = _is_release(weights) and model.num_classes != 1000
     return _apply(model, state, meta, preprocess, info, layout, fresh_fc8=fresh_fc8)
@@ -232,22 +244,7 @@ def load(checkpoint: str | os.PathLike) -> VGG:
     vggkit checkpoint (as written by ``finetune`` or ``save_checkpoint``).
     """
     path = check_checkpoint_file(checkpoint)
-    state, meta = unwrap_checkpoint(read_weights_file(path))
-    if meta.get("format") != "vggkit":
+    if checkpoint_metadata(path).get("format") != "vggkit":
         raise ValueError(f"{path} is a plain state dict, not a vggkit checkpoint: it does not say which model "
                          f"it belongs to. Use vggkit.create_model('vgg16', weights='{path}') with the right name.")
-    model = VGG(meta["model_name"], num_classes=int(meta["num_classes"]), dropout=float(meta.get("dropout", 0.5)),
-                width=float(meta.get("width", 1.0)))
-    head = meta.get("head") or {"type": "vgg"}
-    attach_head(model, head["type"], int(meta["num_classes"]), hidden=int(head.get("hidden", 512)),
-                dropout=float(head.get("dropout", model.dropout)))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:  # the metadata and the tensors disagree (a head or width that does not fit)
-        raise WeightsError(f"{path}: the weights do not fit the model its metadata describes "
-                           f"({model.name}, num_classes={model.num_classes}, width={model.width}, "
-                           f"head {head['type']!r}): {(str(error).splitlines() + [''])[1].strip()[:300]}") from None
-    model.preprocess = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else Preprocess()
-    model.class_names = list(meta["class_names"]) if meta.get("class_names") else None
-    model.weights_info = {"source": str(path), **{k: meta[k] for k in ("metrics",) if k in meta}}
-    return model.eval()
+    return create_model(weights=path).eval()

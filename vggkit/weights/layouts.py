@@ -1,5 +1,11 @@
-"""Weight layouts: which library a state dict comes from (vggkit, torchvision, timm, Caffe ports), and
-the key and shape maps between vggkit's named layers and each of them, both ways.
+"""Weight layouts, detected from the keys of a state dict, and the key and shape maps between
+vggkit's named layers and each of them, both ways:
+
+- ``vggkit``: ``features.conv1_1.weight``, ``classifier.fc6.weight`` (this package);
+- ``torchvision``: ``features.N.*``, ``classifier.0/3/6.*`` (also the Caffe ports such
+  as ``vgg16-00b39a1b.pth``, which share torchvision's keys but expect Caffe input);
+- ``timm``: ``features.N.*``, ``pre_logits.fc1/fc2`` stored as 7x7/1x1 convs, ``head.fc``;
+- ``caffe``: ``conv1_1.weight`` ... ``fc8.weight``, the names of the original prototxt.
 """
 
 from __future__ import annotations

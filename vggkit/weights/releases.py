@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data.preprocess import CAFFE, IMAGENET, Preprocess
-from ..models.configs import resolve
+from ..models.configs import ModelSpec
 from ..utils.choices import RELEASES
 from .checkpoint import WeightsError
 
@@ -51,22 +51,21 @@ def _download(url: str, filename: str, check_hash: bool, progress: bool) -> dict
         ) from None
 
 
-def torchvision_weights_enum(name: str):
-    """torchvision's ``VGG16_Weights.IMAGENET1K_V1`` (etc.) for a model name; None if there is none."""
+def torchvision_weights_enum(spec: ModelSpec):
+    """torchvision's ``VGG16_Weights.IMAGENET1K_V1`` (etc.) for a resolved model; None if there is none."""
     import torchvision.models as tvm
 
-    spec = resolve(name)
     if spec.config in ("A-LRN", "C"):
         return None
     return getattr(tvm, f"{spec.name.upper()}_Weights").IMAGENET1K_V1
 
 
-def load_imagenet(name: str, progress: bool = True) -> tuple[dict, Preprocess, dict]:
-    """torchvision's ImageNet release for ``name`` (downloaded once, hash-checked)."""
-    weights = torchvision_weights_enum(name)
+def load_imagenet(spec: ModelSpec, progress: bool = True) -> tuple[dict, Preprocess, dict]:
+    """torchvision's ImageNet release for ``spec`` (downloaded once, hash-checked)."""
+    weights = torchvision_weights_enum(spec)
     if weights is None:
         raise WeightsError(
-            f"There is no published ImageNet release for {resolve(name).name} (config {resolve(name).config}); "
+            f"There is no published ImageNet release for {spec.name} (config {spec.config}); "
             f"torchvision publishes vgg11, vgg13, vgg16, vgg19 and their _bn variants. "
             f"Train it with `vggkit train` or pass a weight file.")
     url = weights.url
@@ -76,9 +75,8 @@ def load_imagenet(name: str, progress: bool = True) -> tuple[dict, Preprocess, d
     return state, IMAGENET, info
 
 
-def load_caffe(name: str, progress: bool = True) -> tuple[dict, Preprocess, dict]:
+def load_caffe(spec: ModelSpec, progress: bool = True) -> tuple[dict, Preprocess, dict]:
     """The original Caffe release (vgg16/vgg19), as the widely used torchvision-keyed port."""
-    spec = resolve(name)
     if spec.batch_norm or spec.name not in CAFFE_PORTS:
         raise WeightsError(f"The Caffe release covers vgg16 and vgg19 (configs D, E) only, not {spec.name}.")
     filename, url = CAFFE_PORTS[spec.name]
@@ -86,11 +84,10 @@ def load_caffe(name: str, progress: bool = True) -> tuple[dict, Preprocess, dict
     return state, CAFFE, {"source": f"Caffe release ({filename})", "url": url}
 
 
-def load_timm(name: str) -> tuple[dict, Preprocess, dict]:
+def load_timm(spec: ModelSpec) -> tuple[dict, Preprocess, dict]:
     """timm's ``<name>.tv_in1k`` release, through timm's own hub download."""
     import timm
 
-    spec = resolve(name)
     timm_name = f"{spec.name}.tv_in1k"
     if spec.config in ("A-LRN", "C"):
         raise WeightsError(f"timm has no weights for {spec.name}; it has vgg11/13/16/19 and their _bn variants.")
@@ -116,9 +113,9 @@ def _is_release(weights) -> bool:
     return isinstance(weights, str) and weights.lower() in RELEASES
 
 
-def _read_release(name: str, release: str, progress: bool) -> tuple[dict, Preprocess, dict]:
+def _read_release(spec: ModelSpec, release: str, progress: bool) -> tuple[dict, Preprocess, dict]:
     if release == "imagenet":
-        return load_imagenet(name, progress=progress)
+        return load_imagenet(spec, progress=progress)
     if release == "caffe":
-        return load_caffe(name, progress=progress)
-    return load_timm(name)
+        return load_caffe(spec, progress=progress)
+    return load_timm(spec)
