@@ -66,8 +66,6 @@ TIME_BUDGET_S = 120.0  # a view still computing after this long answers with a m
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 
 
-
-
 TOP_K = 5
 
 

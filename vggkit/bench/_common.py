@@ -16,8 +16,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-
-
 MODEL = "vgg16"
 
 

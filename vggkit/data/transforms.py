@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from .images import check_rescaled, rescale_shortest
+from .preprocess import IMAGENET
 
 # AlexNet's PCA colour augmentation (Krizhevsky et al. 2012): ImageNet RGB eigen-decomposition.
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -43,8 +44,6 @@ class TrainTransform:
 
     def __init__(self, scale: int | tuple[int, int] = 256, crop: int = 224, flip: bool = True,
                  pca_std: float = 0.1, preprocess=None) -> None:
-        from .preprocess import IMAGENET
-
         self.scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
         if self.scale[0] < crop:
             raise ValueError(f"Training scale S={self.scale[0]} is smaller than the {crop} px crop.")
@@ -73,8 +72,6 @@ class EvalTransform:
     """Rescale the shortest side to Q, optionally centre-crop, normalise. PIL -> (3, H, W) float32."""
 
     def __init__(self, scale: int = 256, crop: int | None = 224, preprocess=None) -> None:
-        from .preprocess import IMAGENET
-
         self.scale, self.crop = scale, crop
         self.preprocess = preprocess or IMAGENET
 

@@ -53,8 +53,6 @@ PROTOCOL_TITLES = {"center": "centre crop", "dense": "dense", "multicrop": "mult
 TOP_K = 5
 
 
-
-
 PIL_WINDOW = 16  # images per window on the PIL path for dense and multi-crop
 
 

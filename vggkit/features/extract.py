@@ -33,6 +33,7 @@ from ..utils.atomic import atomic_write
 from ..utils.checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from ..utils.choices import DECODERS
 from ..utils.paths import looks_like_a_path
+from ..weights.factory import create_model, load
 
 LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here
 
@@ -301,14 +302,10 @@ def _as_model(model_or_name, weights, width) -> VGG:
     if isinstance(model_or_name, nn.Module):
         return model_or_name
     if Path(str(model_or_name)).exists() or looks_like_a_path(model_or_name):
-        from ..weights.factory import load
-
         if width is not None:
             raise ArgumentError("width", width, f"{model_or_name} is a checkpoint and brings its own width; "
                                                 f"leave the width out (it applies to a model name)")
         return load(model_or_name)
-    from ..weights.factory import create_model
-
     # Random weights from a fixed seed: train and test features from separate calls come from one network.
     return create_model(str(model_or_name), weights=weights, width=width,
                         seed=RANDOM_INIT_SEED if weights is None else None)
@@ -355,7 +352,11 @@ def probe(features: np.ndarray | Features, labels: np.ndarray | None = None, met
     mean class recall (the paper's Caltech measure) and the confusion matrix.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+    )
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import LinearSVC
 

@@ -18,8 +18,6 @@ from ..utils.checks import check_num_classes, check_width
 from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, PRE_ACTIVATION, ModelSpec, layer_names, resolve, tap_names
 
 
-
-
 FC_HIDDEN = 4096
 
 

@@ -24,7 +24,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-
 # An installed package carries the recipes inside it (pyproject maps recipes/ to vggkit/recipes/);
 # a clone has only the top-level recipes/ that users read and edit.
 _PACKAGE = Path(__file__).resolve().parents[1]  # vggkit/
@@ -35,8 +34,6 @@ RECIPE_DIR = next((d for d in (_PACKAGE / "recipes" / "imagenet", _PACKAGE.paren
 
 
 INIT_METHODS = ("paper", "glorot", "kaiming")
-
-
 
 
 @dataclass

@@ -20,8 +20,6 @@ from ..runtime.engine import Runtime
 from .recipe import Recipe
 
 
-
-
 class TrainStep:
     """Forward and backward over ``accumulation`` micro-batches, the DDP all-reduce, the SGD update.
 

@@ -107,8 +107,6 @@ def load_timm(spec: ModelSpec) -> tuple[dict, Preprocess, dict]:
     return model.state_dict(), preprocess, {"source": f"timm {timm_name}"}
 
 
-
-
 def _is_release(weights) -> bool:
     return isinstance(weights, str) and weights.lower() in RELEASES
 
