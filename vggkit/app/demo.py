@@ -28,10 +28,28 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import functional as TF
 
 from ..data.images import ImageError, load_image, rescale_shortest, rescaled_wh
-from ..evaluation.protocols import check_scales, dense_probabilities_from_maps, dense_score_maps, heatmap_from_maps
+from ..evaluation.evaluate import TOP_K
+from ..evaluation.protocols import (
+    CROP,  # the receptive-field and feature-map views work on the paper's 224 px crop
+    check_scales,
+    dense_probabilities_from_maps,
+    dense_score_maps,
+    heatmap_from_maps,
+)
 from ..models.backbone import VGGBackbone
-from ..models.configs import CONFIG_BLOCKS, DEPTHS, PAPER_CONFIGS, PAPER_PARAMETERS, layer_names, resolve
-from ..models.receptive_field import ReceptiveField, effective_receptive_field, receptive_field
+from ..models.configs import (
+    CONFIG_BLOCKS,
+    DEPTHS,
+    PAPER_CONFIGS,
+    PAPER_PARAMETERS,
+    layer_names,
+    resolve,
+)
+from ..models.receptive_field import (
+    ReceptiveField,
+    effective_receptive_field,
+    receptive_field,
+)
 from ..models.stacks import measure_designs, stack_cost_rows
 from ..models.vgg import POOL5_GRID, VGG, count_parameters
 from ..runtime.engine import optimize
@@ -48,9 +66,6 @@ from .plots import (
     plot_stack_receptive_fields,
 )
 
-CROP = 224  # the receptive-field and feature-map views work on the paper's 224 px crop
-
-
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
 
 
@@ -66,7 +81,6 @@ TIME_BUDGET_S = 120.0  # a view still computing after this long answers with a m
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
 
 
-TOP_K = 5
 
 
 def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> Image.Image:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..evaluation.protocols import PAPER_SCALES as SCALES
 from ._common import (
     MODEL,
     RSS_BATCH,
@@ -43,7 +44,6 @@ from ._common import (
 TORCHVISION_TAPS = {"features.15": "conv3_3", "features.22": "conv4_3", "features.29": "conv5_3"}
 
 
-SCALES = (256, 384, 512)
 
 
 CROPS_PER_SCALE = 50  # the paper's 5x5 grid and its mirror image
@@ -185,7 +185,12 @@ def extraction_peak_rss(log) -> dict:
 def dense_vs_multicrop(vgg, settings: Settings, log) -> list[Row]:
     from skimage import data as photos
 
-    from ..evaluation.protocols import dense_probabilities, grid_crops, inference_networks, rescaled_view
+    from ..evaluation.protocols import (
+        dense_probabilities,
+        grid_crops,
+        inference_networks,
+        rescaled_view,
+    )
     from ..models.vgg import VGG
 
     photo = Image.fromarray(np.asarray(photos.chelsea()))

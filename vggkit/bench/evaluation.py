@@ -28,10 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..evaluation.protocols import PAPER_SCALES as SCALES
 from ._common import MODEL, Row, gflops, race, synchronizer
-
-SCALES = (256, 384, 512)
-
 
 MULTICROP_SCALE = 384
 

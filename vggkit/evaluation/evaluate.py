@@ -28,6 +28,7 @@ from ..data.folders import FolderScan, report_skipped, scan_folder
 from ..data.images import ImageError, load_image
 from ..models.configs import resolve
 from ..models.vgg import VGG
+from ..runtime.engine import LONG_JOB_IMAGES
 from ..utils.checks import RANDOM_INIT_SEED, check_int
 from ..utils.choices import DECODERS, PROTOCOLS, RELEASES
 from ..utils.paths import looks_like_a_path, writable_file
@@ -56,7 +57,6 @@ TOP_K = 5
 PIL_WINDOW = 16  # images per window on the PIL path for dense and multi-crop
 
 
-LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here: ~a minute of compiling pays back
 
 
 @dataclass(frozen=True)

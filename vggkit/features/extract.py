@@ -28,15 +28,12 @@ from ..data.images import ImageError, load_image
 from ..data.transforms import EvalTransform
 from ..models.backbone import VGGBackbone
 from ..models.vgg import VGG, check_layers
-from ..runtime.engine import optimize
+from ..runtime.engine import LONG_JOB_IMAGES, optimize
 from ..utils.atomic import atomic_write
 from ..utils.checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from ..utils.choices import DECODERS
 from ..utils.paths import looks_like_a_path
 from ..weights.factory import create_model, load
-
-LONG_JOB_IMAGES = 10_000  # compile="auto" compiles from here
-
 
 REDUCTIONS = ("mean", "stack", None)
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..utils.choices import PRECISIONS
 from .fusion import fuse_for_cpu
 
+LONG_JOB_IMAGES = 10_000  # inference passes this long compile under compile="auto": ~a minute of compiling pays back
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
