@@ -81,10 +81,25 @@ def test_public_api_still_resolves_after_submodule_imports():
 
 
 def test_cli_protocol_choices_match_the_library():
-    from vggkit.cli import PROTOCOLS as PROTOCOL_CHOICES
-    from vggkit.evaluation.evaluate import PROTOCOLS
+    """The parser's choices are the library's names, and the library takes every one the parser lets through."""
+    from vggkit.cli import build_parser
+    from vggkit.evaluation.evaluate import PROTOCOLS, check_protocols
+    from vggkit.utils.choices import DECODERS, PRECISIONS
 
-    assert PROTOCOL_CHOICES == PROTOCOLS
+    commands = build_parser()._subparsers._group_actions[0].choices
+
+    def choices(command: str, flag: str) -> tuple:
+        (action,) = [a for a in commands[command]._actions if flag in a.option_strings]
+        return tuple(action.choices)
+
+    assert choices("evaluate", "--protocol") == PROTOCOLS
+    assert check_protocols(list(choices("evaluate", "--protocol"))) == list(PROTOCOLS)
+    for protocol in choices("evaluate", "--protocol"):
+        assert check_protocols(protocol) == [protocol]
+    for command in ("evaluate", "extract"):
+        assert choices(command, "--decode") == DECODERS, command
+    for command in ("evaluate", "extract", "predict"):
+        assert choices(command, "--precision") == PRECISIONS, command
 
 
 # --------------------------------------------------------------------------- ranges, once

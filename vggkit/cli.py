@@ -1,4 +1,4 @@
-"""The ``vggkit`` command: ``info | train | evaluate | finetune | extract | predict | bench``.
+"""The ``vggkit`` command: ``info | train | evaluate | finetune | extract | predict | bench | app``.
 
 Wiring only: each subcommand parses its arguments and calls the library. The library
 (and PyTorch) is imported inside the handlers, so ``--help`` and ``--version`` answer at once.
@@ -30,31 +30,13 @@ DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit CO
                "options and an example.")
 
 
-
-
-
-
-
-
 # Range-checked argument types: the same checks the API runs, refused while parsing (exit 2, before any work).
 positive_int = argparse_type(lambda v: check_int("value", v, 1), int)
-
-
 non_negative_int = argparse_type(lambda v: check_int("value", v, 0), int)
-
-
 positive_number = argparse_type(lambda v: check_positive("value", v))
-
-
 width_type = argparse_type(lambda v: check_width("width", v))
-
-
 side_type = argparse_type(lambda v: check_side("size", v), int)
-
-
 fraction_type = argparse_type(lambda v: check_fraction("val_fraction", v))
-
-
 positive_float = width_type  # the app's --width
 
 
@@ -93,6 +75,54 @@ def _error_text(error: Exception) -> str:
     return cli_voice(str(error))
 
 
+# Options several commands share, spelled once so that their help and choices cannot drift apart.
+_AUTO_PRECISION = "bf16 where the hardware runs it fast, else fp32"
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device`` as evaluate, finetune, extract and predict take it."""
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+
+
+def _add_precision_and_device(parser: argparse.ArgumentParser,
+                              precision_help: str = f"auto (default): {_AUTO_PRECISION}") -> None:
+    """``--precision`` (default auto) followed by ``--device``: the inference commands' pair."""
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
+    _add_device(parser)
+
+
+def _add_decode(parser: argparse.ArgumentParser) -> None:
+    """``--decode``: where evaluate and extract decode their images."""
+    parser.add_argument("--decode", default="auto", choices=DECODERS,
+                        help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
+                             "auto: device on a GPU, else pil")
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` defaulting to 0 (decoding in the main process), as finetune and extract take it."""
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
+
+
+def _add_no_progress(parser: argparse.ArgumentParser, help_text: str = "no progress bar") -> None:
+    """``--no-progress``, as train, evaluate, finetune and extract take it."""
+    parser.add_argument("--no-progress", action="store_true", help=help_text)
+
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit info``."""
+    info = subparsers.add_parser("info", help="layer table of a model: shapes, parameters, receptive fields, FLOPs",
+                                 description="Print a model's layers with output shapes, parameters, receptive "
+                                             "field/stride/padding and multiply-adds.",
+                                 epilog="examples: vggkit info vgg16 | vggkit info vgg19_bn --input-size 384 "
+                                        "(the dense form) | vggkit info --runtime")
+    info.add_argument("model", nargs="?", help="model name, e.g. vgg16, D, vgg19_bn (default vgg16)")
+    info.add_argument("--input-size", type=side_type, default=224,
+                      help="square input side in pixels, 32 to 2048 (default 224)")
+    info.add_argument("--width", type=width_type, default=1.0, help="channel multiplier (default 1.0)")
+    info.add_argument("--runtime", action="store_true", help="print the device/precision vggkit will use")
+    info.set_defaults(handler=_info)
+
+
 def _info(args: argparse.Namespace) -> int:
     from .app.info import layer_table, runtime_report
 
@@ -110,153 +140,9 @@ TRAIN_FLAGS = {  # explicit flags of `vggkit train` and the recipe keys they set
 }
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .training.loop import cleanup_distributed, train
-    from .training.recipe import list_recipes
-
-    if args.list_recipes:
-        print("\n".join(list_recipes()))
-        return 0
-    if not args.data or not args.output:
-        raise ValueError("--data and --output are required (see vggkit train --help).")
-    overrides = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
-                 else f"{key}={getattr(args, flag)}" for flag, key in TRAIN_FLAGS.items()
-                 if getattr(args, flag) is not None]
-    overrides += [f"{key}=true" for flag, key in (("compile", "run.compile"), ("gpu_decode", "data.gpu_decode"))
-                  if getattr(args, flag)]
-    try:
-        result = train(args.recipe, args.data, args.output, resume=args.resume, overrides=overrides + args.set,
-                       stop_after_steps=args.stop_after_steps or 0, progress=not args.no_progress)
-    finally:
-        cleanup_distributed()
-    state = "finished" if result.completed else "stopped; continue with --resume"
-    print(f"vggkit train: {state}. Checkpoint {result.checkpoint}" + (f", best {result.best}" if result.best else ""))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.evaluate import evaluate, load_model
-
-    model = load_model(args.model, _weights_for(args.weights, args.model))
-    result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
-                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
-                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress,
-                      decode=args.decode)
-    print(result.table())
-    if result.predictions_csv:
-        print(f"\nPer-image predictions: {result.predictions_csv}")
-    return 0
-
-
-def _weights_for(weights: str | None, model: str | None = None):
-    """``--weights`` as the API takes it. Left out: imagenet for a model name, a checkpoint's own weights
-    for a checkpoint file (the same for evaluate, extract and finetune); ``none``: random initialisation."""
-    from .utils.paths import looks_like_a_path
-
-    is_file = model is not None and (Path(model).exists() or looks_like_a_path(model))
-    if weights is None:
-        return None if is_file else "imagenet"
-    if is_file:
-        raise ValueError(f"{model} is a checkpoint file and brings its own weights; leave out --weights "
-                         f"(it applies to a model name such as vgg16).")
-    return None if weights.lower() == "none" else weights
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    from .finetuning.finetune import finetune
-
-    result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_for(args.weights),
-                      head=args.head, strategy=args.strategy, unfreeze_blocks=args.unfreeze_blocks,
-                      epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                      backbone_lr_scale=args.backbone_lr_scale, width=args.width, image_size=args.image_size,
-                      val_fraction=args.val_fraction, patience=args.patience,
-                      cache_features=False if args.no_cache else args.cache, output_dir=args.output,
-                      seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress,
-                      log_epochs=True)
-    metrics = result.metrics
-    from .utils.paths import display_name
-
-    recalls = ", ".join(f"{display_name(name)} {value:.3f}" for name, value in metrics["recall"].items())
-    print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
-          f"recall per class: {recalls}")
-    print(f"checkpoint: {result.checkpoint}")
-    print("plots: " + ", ".join(str(p) for p in result.plots.values()))
-    return 0
-
-
-def _extract(args: argparse.Namespace) -> int:
-    from .features.extract import extract_features, summarise_names
-    from .utils.paths import writable_file
-
-    writable_file(args.output, example="features.npz")
-    images = args.images[0] if len(args.images) == 1 else args.images
-    features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
-                                reduce=None if args.reduce == "none" else args.reduce,
-                                pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
-                                width=args.width, batch_size=args.batch_size, precision=args.precision,
-                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
-                                decode=args.decode)
-    path = features.save(args.output)
-    print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
-          + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from .evaluation.predict import predict_paths
-    from .utils.paths import display_name
-
-    # Folders stand for the image files under them; unusable files are skipped with one warning.
-    results = predict_paths(args.checkpoint, args.images, top_k=args.top_k, precision=args.precision,
-                            device=args.device)
-    for image, top in results.items():
-        print(display_name(image))
-        for name, probability in top:
-            print(f"  {probability:7.4f}  {display_name(name)}")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench.cpu import run_bench, write_outputs
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        result = run_bench(quick=args.quick)
-    else:
-        from .bench.gpu import run_device_bench
-        result = run_device_bench(device, quick=args.quick)
-    write_outputs(result, args.json, args.markdown)
-    print(result.markdown())
-    return 0
-
-
-def _app(args: argparse.Namespace) -> int:
-    from .app.launch import run_app
-
-    app_args = args.app_args[1:] if args.app_args[:1] == ["--"] else args.app_args  # main() put the "--" there
-    return run_app(app_args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggkit", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    info = sub.add_parser("info", help="layer table of a model: shapes, parameters, receptive fields, FLOPs",
-                          description="Print a model's layers with output shapes, parameters, receptive "
-                                      "field/stride/padding and multiply-adds.",
-                          epilog="examples: vggkit info vgg16 | vggkit info vgg19_bn --input-size 384 "
-                                 "(the dense form) | vggkit info --runtime")
-    info.add_argument("model", nargs="?", help="model name, e.g. vgg16, D, vgg19_bn (default vgg16)")
-    info.add_argument("--input-size", type=side_type, default=224,
-                      help="square input side in pixels, 32 to 2048 (default 224)")
-    info.add_argument("--width", type=width_type, default=1.0, help="channel multiplier (default 1.0)")
-    info.add_argument("--runtime", action="store_true", help="print the device/precision vggkit will use")
-    info.set_defaults(handler=_info)
-
-    train = sub.add_parser(
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit train``: no defaults of its own, so that a flag left out keeps the recipe's (or --resume's) value."""
+    train = subparsers.add_parser(
         "train", help="the paper's ImageNet training (Table 3 recipes), on one GPU, many GPUs or many machines",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a VGG from a recipe on an ImageFolder tree (DATA/train/<wnid>/*.JPEG, "
@@ -287,22 +173,51 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-batch-per-gpu", type=non_negative_int,
                        help="run.max_batch_per_gpu: micro-batch limit; gradients are accumulated above it")
     train.add_argument("--workers", type=non_negative_int, help="data.workers: DataLoader processes per GPU")
-    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="run.precision")
+    train.add_argument("--precision", choices=PRECISIONS, help="run.precision")
     train.add_argument("--device", help="run.device, e.g. cpu (default: cuda:LOCAL_RANK where there is a GPU)")
     train.add_argument("--compile", action="store_true",
                        help="run.compile=true: compile the training step (default 'auto': on CUDA, long runs)")
     train.add_argument("--gpu-decode", action="store_true", help="data.gpu_decode: decode JPEGs on the GPU")
-    train.add_argument("--checkpoint-every", type=non_negative_int, help="run.checkpoint_every: also checkpoint every N steps")
-    train.add_argument("--max-steps", type=non_negative_int, help="schedule.max_steps: end the run after N optimizer steps")
+    train.add_argument("--checkpoint-every", type=non_negative_int,
+                       help="run.checkpoint_every: also checkpoint every N steps")
+    train.add_argument("--max-steps", type=non_negative_int,
+                       help="schedule.max_steps: end the run after N optimizer steps")
     train.add_argument("--seed", type=int, help="run.seed")
     train.add_argument("--stop-after-steps", type=positive_int, metavar="N",
                        help="stop this invocation after N steps with a checkpoint, to --resume later "
                             "(time-limited jobs)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(train)
     train.add_argument("--list-recipes", action="store_true", help="print the shipped recipe names and exit")
     train.set_defaults(handler=_train)
 
-    evaluate = sub.add_parser(
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.loop import cleanup_distributed, train
+    from .training.recipe import list_recipes
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    if not args.data or not args.output:
+        raise ValueError("--data and --output are required (see vggkit train --help).")
+    overrides = [f"{key}={getattr(args, flag)!r}" if isinstance(getattr(args, flag), str)
+                 else f"{key}={getattr(args, flag)}" for flag, key in TRAIN_FLAGS.items()
+                 if getattr(args, flag) is not None]
+    overrides += [f"{key}=true" for flag, key in (("compile", "run.compile"), ("gpu_decode", "data.gpu_decode"))
+                  if getattr(args, flag)]
+    try:
+        result = train(args.recipe, args.data, args.output, resume=args.resume, overrides=overrides + args.set,
+                       stop_after_steps=args.stop_after_steps or 0, progress=not args.no_progress)
+    finally:
+        cleanup_distributed()
+    state = "finished" if result.completed else "stopped; continue with --resume"
+    print(f"vggkit train: {state}. Checkpoint {result.checkpoint}" + (f", best {result.best}" if result.best else ""))
+    return 0
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit evaluate``."""
+    evaluate = subparsers.add_parser(
         "evaluate", help="top-1/top-5 errors with the paper's test protocols (section 3.2, Tables 3-5)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate a model on a class-folder dataset (VAL_DIR/<class>/<images>; ImageNet val in wnid "
@@ -320,27 +235,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", help="for a model name: imagenet (default), caffe, timm, a weight file, or "
                                             "none (random init); a checkpoint brings its own")
     evaluate.add_argument("--data", required=True, metavar="VAL_DIR", help="class-folder dataset to evaluate on")
-    evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P",
-                          choices=PROTOCOLS,
+    evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P", choices=PROTOCOLS,
                           help="one or more of center, dense, multicrop, dense+multicrop (default dense)")
     evaluate.add_argument("--scales", nargs="+", type=side_type, default=[256, 384, 512], metavar="Q",
                           help="test scales Q, shortest side in pixels, >= 224 (default 256 384 512)")
     evaluate.add_argument("--no-flip", action="store_true", help="leave out the horizontally flipped images")
     evaluate.add_argument("--batch-size", type=positive_int,
                           help="crops per forward pass and images per window (default 256 on a GPU, 50 on the CPU)")
-    evaluate.add_argument("--decode", default="auto", choices=DECODERS,
-                          help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
-                               "auto: device on a GPU, else pil")
+    _add_decode(evaluate)
     evaluate.add_argument("--workers", type=non_negative_int,
                           help="image decoding processes (default: CPU count, at most 8)")
-    evaluate.add_argument("--precision", default="auto", choices=PRECISIONS,
-                          help="auto: bf16 where the hardware runs it fast, else fp32")
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    _add_precision_and_device(evaluate, precision_help=f"auto: {_AUTO_PRECISION}")
     evaluate.add_argument("--csv", metavar="PRED.csv", help="write every image's top-5 per protocol to this CSV")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_no_progress(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
-    finetune = sub.add_parser(
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import evaluate, load_model
+
+    model = load_model(args.model, _weights_for(args.weights, args.model))
+    result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
+                      batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                      device=args.device, predictions_csv=args.csv, progress=not args.no_progress,
+                      decode=args.decode)
+    print(result.table())
+    if result.predictions_csv:
+        print(f"\nPer-image predictions: {result.predictions_csv}")
+    return 0
+
+
+def _weights_for(weights: str | None, model: str | None = None):
+    """``--weights`` as the API takes it. Left out: imagenet for a model name, a checkpoint's own weights
+    for a checkpoint file (the same for evaluate, extract and finetune); ``none``: random initialisation."""
+    from .utils.paths import looks_like_a_path
+
+    is_file = model is not None and (Path(model).exists() or looks_like_a_path(model))
+    if weights is None:
+        return None if is_file else "imagenet"
+    if is_file:
+        raise ValueError(f"{model} is a checkpoint file and brings its own weights; leave out --weights "
+                         f"(it applies to a model name such as vgg16).")
+    return None if weights.lower() == "none" else weights
+
+
+def _add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit finetune``."""
+    finetune = subparsers.add_parser(
         "finetune", help="fine-tune a VGG on a folder of your images (transfer learning)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a VGG on DATA_DIR: one folder per class, or train/ and val/ (and test/) each with "
@@ -362,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--strategy", choices=("head", "partial", "full"),
                           help="what trains: the head only (default with pretrained weights), the last conv blocks "
                                "too, or everything (default with --weights none)")
-    finetune.add_argument("--unfreeze-blocks", type=positive_int, default=2, help="conv blocks trained by --strategy partial")
+    finetune.add_argument("--unfreeze-blocks", type=positive_int, default=2,
+                          help="conv blocks trained by --strategy partial")
     finetune.add_argument("--epochs", type=positive_int, default=20, help="at most this many epochs (default 20)")
     finetune.add_argument("--patience", type=positive_int, default=5,
                           help="stop after this many epochs without better validation accuracy (default 5)")
@@ -386,12 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--output", help="output folder (default vggkit_runs/<data>-<model>)")
     finetune.add_argument("--seed", type=int, default=0,
                           help="seed of the split, the initialisation and the batch order (default 0)")
-    finetune.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
-    finetune.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
-    finetune.add_argument("--no-progress", action="store_true", help="no progress bars (the epoch lines stay)")
+    _add_workers(finetune)
+    _add_device(finetune)
+    _add_no_progress(finetune, help_text="no progress bars (the epoch lines stay)")
     finetune.set_defaults(handler=_finetune)
 
-    extract = sub.add_parser(
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetuning.finetune import finetune
+
+    result = finetune(args.data_dir, args.num_classes, model=args.model, weights=_weights_for(args.weights),
+                      head=args.head, strategy=args.strategy, unfreeze_blocks=args.unfreeze_blocks,
+                      epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      backbone_lr_scale=args.backbone_lr_scale, width=args.width, image_size=args.image_size,
+                      val_fraction=args.val_fraction, patience=args.patience,
+                      cache_features=False if args.no_cache else args.cache, output_dir=args.output,
+                      seed=args.seed, num_workers=args.workers, device=args.device, progress=not args.no_progress,
+                      log_epochs=True)
+    metrics = result.metrics
+    from .utils.paths import display_name
+
+    recalls = ", ".join(f"{display_name(name)} {value:.3f}" for name, value in metrics["recall"].items())
+    print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
+          f"recall per class: {recalls}")
+    print(f"checkpoint: {result.checkpoint}")
+    print("plots: " + ", ".join(str(p) for p in result.plots.values()))
+    return 0
+
+
+def _add_extract(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit extract``."""
+    extract = subparsers.add_parser(
         "extract", help="features of any layer for a folder of images, written to .npz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Extract features at a named layer (conv1_1 ... pool5, fc6, fc7) and write an .npz holding "
@@ -417,17 +384,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="combine scales: average (default), concatenate, or keep (N, S, D)")
     extract.add_argument("--maps", action="store_true", help="keep the spatial maps (one scale) instead of averaging")
     extract.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    extract.add_argument("--precision", default="auto", choices=PRECISIONS,
-                         help="auto (default): bf16 where the hardware runs it fast, else fp32")
-    extract.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
-    extract.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes (default 0)")
-    extract.add_argument("--decode", default="auto", choices=DECODERS,
-                         help="device: JPEGs decoded (nvJPEG) and rescaled on the GPU, PIL for other files; "
-                              "auto: device on a GPU, else pil")
-    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_precision_and_device(extract)
+    _add_workers(extract)
+    _add_decode(extract)
+    _add_no_progress(extract)
     extract.set_defaults(handler=_extract)
 
-    predict = sub.add_parser(
+
+def _extract(args: argparse.Namespace) -> int:
+    from .features.extract import extract_features, summarise_names
+    from .utils.paths import writable_file
+
+    writable_file(args.output, example="features.npz")
+    images = args.images[0] if len(args.images) == 1 else args.images
+    features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
+                                reduce=None if args.reduce == "none" else args.reduce,
+                                pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
+                                width=args.width, batch_size=args.batch_size, precision=args.precision,
+                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
+                                decode=args.decode)
+    path = features.save(args.output)
+    print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
+          + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit predict``."""
+    predict = subparsers.add_parser(
         "predict", help="top-k classes with probabilities for images, from a fine-tuned checkpoint",
         description="Classify images with a vggkit checkpoint (from vggkit finetune or save_checkpoint); the "
                     "checkpoint carries the model, classes and preprocessing.",
@@ -435,20 +419,34 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("checkpoint", metavar="CHECKPOINT", help="a vggkit checkpoint (.pth)")
     predict.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders of them")
     predict.add_argument("-k", "--top-k", type=positive_int, default=5, help="how many classes to list (default 5)")
-    predict.add_argument("--precision", default="auto", choices=PRECISIONS,
-                         help="auto (default): bf16 where the hardware runs it fast, else fp32")
-    predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when present)")
+    _add_precision_and_device(predict)
     predict.set_defaults(handler=_predict)
 
-    bench = sub.add_parser("bench", help="vggkit's default paths against torchvision and timm on this machine",
-                           description="Time vgg16 on this machine in one process: classification forward, "
-                                       "backbone features, dense vs multi-crop evaluation, cached vs uncached "
-                                       "head fine-tuning and the training data pipeline, each against torchvision's "
-                                       "or timm's default on the same weights and inputs, with the fraction of the "
-                                       "matmul peak measured in the same run. Prints a Markdown table; takes "
-                                       "about 2.5 minutes on a quiet 2-core machine, under 10 on a busy one "
-                                       "(--quick: under 2).",
-                           epilog="example: vggkit bench --quick --markdown bench.md")
+
+def _predict(args: argparse.Namespace) -> int:
+    from .evaluation.predict import predict_paths
+    from .utils.paths import display_name
+
+    # Folders stand for the image files under them; unusable files are skipped with one warning.
+    results = predict_paths(args.checkpoint, args.images, top_k=args.top_k, precision=args.precision,
+                            device=args.device)
+    for image, top in results.items():
+        print(display_name(image))
+        for name, probability in top:
+            print(f"  {probability:7.4f}  {display_name(name)}")
+    return 0
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit bench``."""
+    bench = subparsers.add_parser(
+        "bench", help="vggkit's default paths against torchvision and timm on this machine",
+        description="Time vgg16 on this machine in one process: classification forward, backbone features, dense "
+                    "vs multi-crop evaluation, cached vs uncached head fine-tuning and the training data pipeline, "
+                    "each against torchvision's or timm's default on the same weights and inputs, with the "
+                    "fraction of the matmul peak measured in the same run. Prints a Markdown table; takes about "
+                    "2.5 minutes on a quiet 2-core machine, under 10 on a busy one (--quick: under 2).",
+        epilog="example: vggkit bench --quick --markdown bench.md")
     bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller batches, no bf16/compile rows")
     bench.add_argument("--device", choices=("cpu", "cuda"),
                        help="cuda: the GPU bench (inference, training step, end-to-end training, input pipelines, "
@@ -458,13 +456,50 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", metavar="PATH", help="also write the Markdown table to a file")
     bench.set_defaults(handler=_bench)
 
-    app = sub.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
-                         description="Start the vggkit app on 127.0.0.1 (python -m vggkit.app.launch does the same). "
-                                     "Every option after 'app' goes to the app; 'vggkit app --help' lists them.",
-                         add_help=False)
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.cpu import run_bench, write_outputs
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        result = run_bench(quick=args.quick)
+    else:
+        from .bench.gpu import run_device_bench
+        result = run_device_bench(device, quick=args.quick)
+    write_outputs(result, args.json, args.markdown)
+    print(result.markdown())
+    return 0
+
+
+def _add_app(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit app``: no help of its own, so that ``vggkit app --help`` reaches the app's."""
+    app = subparsers.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
+                                description="Start the vggkit app on 127.0.0.1 (python -m vggkit.app.launch does "
+                                            "the same). Every option after 'app' goes to the app; "
+                                            "'vggkit app --help' lists them.",
+                                add_help=False)
     app.add_argument("app_args", nargs=argparse.REMAINDER, help="the app's options: --port, --host, --model, "
                                                                 "--weights, --width")
     app.set_defaults(handler=_app)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from .app.launch import run_app
+
+    app_args = args.app_args[1:] if args.app_args[:1] == ["--"] else args.app_args  # main() put the "--" there
+    return run_app(app_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vggkit`` parser: the top-level options, then one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="vggkit", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_info, _add_train, _add_evaluate, _add_finetune, _add_extract, _add_predict, _add_bench,
+                        _add_app):
+        add_command(subparsers)
     return parser
 
 
