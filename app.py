@@ -84,14 +84,24 @@ def image_input(label: str, elem_id: str) -> gr.Image:
 
 
 def layer_picker(layers: list[str], elem_id: str) -> gr.Dropdown:
+    """A dropdown of ``layers``, on the layer the views start from."""
     return gr.Dropdown(layers, value=views.default_layer(layers), label="Layer", elem_id=elem_id)
 
 
-def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width: float | None = None) -> gr.Blocks:
-    """The Blocks app around one network (``width`` < 1 gives a thin model, for tests)."""
-    network = views.load_demo_model(model_name, weights, width)
+def one_at_a_time(view: str) -> dict[str, str]:
+    """Event options that put ``view``'s events in one concurrency group (serve() limits each group to 1)."""
+    # A burst of requests to a heavy view waits in the queue instead of competing for memory and cores.
+    return {"concurrency_id": view}
 
-    # ------------------------------------------------------------------ callbacks: vggkit.app.demo in, components out
+
+def clicked(evt: gr.SelectData) -> tuple[float, float]:
+    """The position clicked on a picture."""
+    return evt.index[0], evt.index[1]
+
+
+def receptive_field_tab(app: gr.Blocks, network: views.DemoModel) -> None:
+    """The receptive field tab: a unit's theoretical and effective receptive field, at a clicked position."""
+    heavy = one_at_a_time("receptive_field")
 
     @user_errors
     def receptive_field(image, config, layer, x=None, y=None):
@@ -101,14 +111,47 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         view = network.receptive_field_view(image, config, layer, click)
         return view.picture, view.effective, view.summary, *view.marker
 
-    def clicked(evt: gr.SelectData):
-        return evt.index[0], evt.index[1]
-
     @user_errors
     def receptive_field_config(config, layer):
         layers = views.spatial_layers(config)
         chosen = layer if layer in layers else views.default_layer(layers)
         return gr.Dropdown(choices=layers, value=chosen), views.receptive_field_table(config)
+
+    with gr.Tab("Receptive field", id="receptive-field"):
+        gr.Markdown(
+            "Pick a configuration and a layer, then **click the picture**: the red box is the unit's "
+            "theoretical receptive field, the heatmap its *effective* receptive field (Luo et al. 2016), "
+            "|d unit / d input| by back-propagation on the 224 px centre crop.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = image_input("Image (upload, or pick an example below)", "rf-image")
+                config = gr.Dropdown(list(PAPER_CONFIGS), value=network.config, label="Configuration")
+                layer = layer_picker(network.layers, "rf-layer")
+                with gr.Row():
+                    x = gr.Number(label="x on the picture", precision=1)
+                    y = gr.Number(label="y on the picture", precision=1)
+            with gr.Column(scale=3):
+                picture = gr.Image(label="Click a position: the unit's theoretical receptive field",
+                                   type="pil", format="png", interactive=False, elem_id="rf-picture")
+                summary = gr.Markdown(label="Unit summary")
+            with gr.Column(scale=3):
+                effective = gr.Plot(label="Effective receptive field", format="png", elem_id="rf-effective")
+        with gr.Row():
+            table = gr.Dataframe(views.receptive_field_table(network.config), label="Every layer",
+                                 interactive=False, max_height=420, elem_id="rf-table")
+            gr.Plot(views.receptive_field_growth(), label="Growth with depth, A-E", format="png")
+
+    inputs, outputs = [image, config, layer], [picture, effective, summary, x, y]
+    gr.on([image.change, layer.input], receptive_field, inputs, outputs, api_name="receptive_field", **heavy)
+    config.input(receptive_field_config, [config, layer], [layer, table], api_name="receptive_field_config").then(
+        receptive_field, inputs, outputs, api_visibility="private", **heavy)
+    picture.select(clicked, None, [x, y], api_visibility="private").then(
+        receptive_field, inputs + [x, y], outputs, api_name="receptive_field_at", **heavy)
+    app.load(receptive_field, inputs, outputs, api_visibility="private", **heavy)  # the first tab fills on page load
+
+
+def stacks_tab(app: gr.Blocks) -> None:
+    """The 3x3 versus 7x7 tab: a stack of 3x3 convolutions against one large convolution, drawn and measured."""
 
     @user_errors
     def compare_stacks(channels, depth, size):
@@ -118,12 +161,67 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
     def measure_stacks(channels, depth, size):
         return views.stack_measurement(int(channels), int(depth), int(size))
 
+    with gr.Tab("3x3 versus 7x7", id="stacks"):
+        gr.Markdown(
+            "Section 2.3: n stacked 3x3 convs see 2n+1 pixels, as one (2n+1)x(2n+1) conv does, with "
+            "fewer weights (27C² against 49C² for n = 3) and n non-linearities instead of one.")
+        with gr.Row():
+            channels = gr.Slider(1, 512, value=64, step=1, label="Channels C (in and out)")
+            depth = gr.Slider(1, 5, value=3, step=1, label="Stack depth n")
+            size = gr.Slider(8, 112, value=56, step=8, label="Input size (px)")
+        costs = gr.Dataframe(label="Per design", interactive=False, elem_id="st-costs")
+        drawing = gr.Plot(label="Receptive field, layer by layer", format="png", elem_id="st-drawing")
+        measure = gr.Button("Measure both as PyTorch modules on this machine", elem_id="st-measure")
+        measured = gr.Dataframe(label="Measured", interactive=False, elem_id="st-measured")
+
+    inputs = [channels, depth, size]
+    gr.on([s.release for s in inputs], compare_stacks, inputs, [costs, drawing], api_name="compare_stacks")
+    measure.click(measure_stacks, inputs, measured, api_name="measure_stacks")
+    app.load(compare_stacks, inputs, [costs, drawing], api_visibility="private")  # light: filled on page load too
+
+
+def score_maps_tab(network: views.DemoModel) -> None:
+    """The class score maps tab: dense evaluation over several test scales, one class's map over the image."""
+    heavy = one_at_a_time("score_maps")
+
     @user_errors
     def score_maps(image, scales, class_name=None):
         if image is None:
             return None, None, None, None
         view = network.score_maps_view(image, scales or DEFAULT_SCALES, class_name)
         return view.top5, view.overlay, view.sizes, network.class_label(view.class_index)
+
+    with gr.Tab("Class score maps", id="score-maps") as tab:
+        gr.Markdown(
+            "Section 3.2, dense evaluation: fc6-fc8 become convolutions, the network runs on the whole "
+            "image rescaled to shortest side Q and gives a class score map of floor(side/32) - 6 per side; "
+            "its spatial mean, softmax, averaged with the mirror image's and over the scales, is the "
+            "prediction.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = image_input("Image", "sm-image")
+                scales = gr.CheckboxGroup(SCALE_CHOICES, value=DEFAULT_SCALES, label="Test scales Q")
+                class_name = gr.Textbox(label="Class to map", elem_id="sm-class",
+                                        placeholder="an index or a name, e.g. 281 or tabby; blank: the "
+                                                    "top prediction (press Enter)")
+                sizes = gr.Dataframe(label="Raw class score map sizes", interactive=False, elem_id="sm-sizes")
+            with gr.Column(scale=3):
+                overlay = gr.Plot(label="Class score map over the image (softmax probability, mean "
+                                        "over the scales and the mirror image)", format="png",
+                                  elem_id="sm-overlay")
+                top5 = gr.Dataframe(label="Top 5 (dense, averaged over flips and scales)",
+                                    interactive=False, elem_id="sm-top5")
+
+    outputs = [top5, overlay, sizes, class_name]
+    gr.on([image.change, scales.input], score_maps, [image, scales], outputs, api_name="score_maps", **heavy)
+    class_name.submit(score_maps, [image, scales, class_name], outputs, api_name="score_map_of_class", **heavy)
+    # Heavy: filled when first opened, not on page load (then from the cache).
+    tab.select(score_maps, [image, scales, class_name], outputs, api_visibility="private", **heavy)
+
+
+def feature_maps_tab(network: views.DemoModel) -> None:
+    """The feature maps tab: a layer's strongest channels on the centre crop."""
+    heavy = one_at_a_time("feature_maps")
 
     @user_errors
     def feature_maps(image, layer, count):
@@ -132,129 +230,51 @@ def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width
         view = network.feature_maps_view(image, layer, int(count))
         return view.grid, view.info
 
-    # ------------------------------------------------------------------ layout
+    with gr.Tab("Feature maps", id="feature-maps") as tab:
+        gr.Markdown("The activations of a named layer on the 224 px centre crop, channels with the "
+                    "largest mean activation first.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = image_input("Image", "fm-image")
+                layer = layer_picker(network.layers, "fm-layer")
+                count = gr.Slider(4, 32, value=16, step=4, label="Channels shown")
+                info = gr.Dataframe(label="Layer", interactive=False, elem_id="fm-info")
+            with gr.Column(scale=3):
+                grid = gr.Plot(label="Channels, strongest first", format="png", elem_id="fm-grid")
 
+    inputs, outputs = [image, layer, count], [grid, info]
+    gr.on([image.change, layer.input, count.release], feature_maps, inputs, outputs, api_name="feature_maps",
+          **heavy)
+    tab.select(feature_maps, inputs, outputs, api_visibility="private", **heavy)  # heavy: filled when first opened
+
+
+def models_tab(network: views.DemoModel) -> None:
+    """The models tab: the paper's Tables 1 and 2, where the parameters are, and the loaded weights."""
+    with gr.Tab("Models", id="models"):
+        gr.Markdown("Tables 1 and 2 of the paper, generated from vggkit's configurations; parameters are "
+                    "counted from built modules.")
+        gr.Dataframe(views.table1(), label="Table 1: configurations", interactive=False, wrap=True,
+                     column_widths=["10%"] + ["15%"] * len(PAPER_CONFIGS), elem_id="table1")
+        gr.Dataframe(views.table2(), label="Table 2: parameters", interactive=False, elem_id="table2")
+        with gr.Row():
+            gr.Plot(views.parameter_figure(), label="Where the parameters are", format="png",
+                    elem_id="parameters")
+            gr.Dataframe(network.weights_table(), label="Loaded weights", interactive=False, wrap=True,
+                         elem_id="weights")
+
+
+def build_app(model_name: str = "vgg16", weights: str | None = "imagenet", width: float | None = None) -> gr.Blocks:
+    """The Blocks app around one network (``width`` < 1 gives a thin model, for tests)."""
+    network = views.load_demo_model(model_name, weights, width)
     with gr.Blocks(title="vggkit: how a VGG network sees") as app:
         gr.Markdown(network.notice or "", visible=network.notice is not None, elem_id="untrained-banner")
         gr.Markdown(INTRO)
         with gr.Tabs():
-            with gr.Tab("Receptive field", id="receptive-field"):
-                gr.Markdown(
-                    "Pick a configuration and a layer, then **click the picture**: the red box is the unit's "
-                    "theoretical receptive field, the heatmap its *effective* receptive field (Luo et al. 2016), "
-                    "|d unit / d input| by back-propagation on the 224 px centre crop.")
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        rf_image = image_input("Image (upload, or pick an example below)", "rf-image")
-                        rf_config = gr.Dropdown(list(PAPER_CONFIGS), value=network.config, label="Configuration")
-                        rf_layer = layer_picker(network.layers, "rf-layer")
-                        with gr.Row():
-                            rf_x = gr.Number(label="x on the picture", precision=1)
-                            rf_y = gr.Number(label="y on the picture", precision=1)
-                    with gr.Column(scale=3):
-                        rf_picture = gr.Image(label="Click a position: the unit's theoretical receptive field",
-                                              type="pil", format="png", interactive=False, elem_id="rf-picture")
-                        rf_summary = gr.Markdown(label="Unit summary")
-                    with gr.Column(scale=3):
-                        rf_effective = gr.Plot(label="Effective receptive field", format="png", elem_id="rf-effective")
-                with gr.Row():
-                    rf_table = gr.Dataframe(views.receptive_field_table(network.config), label="Every layer",
-                                            interactive=False, max_height=420, elem_id="rf-table")
-                    gr.Plot(views.receptive_field_growth(), label="Growth with depth, A-E", format="png")
-
-            with gr.Tab("3x3 versus 7x7", id="stacks"):
-                gr.Markdown(
-                    "Section 2.3: n stacked 3x3 convs see 2n+1 pixels, as one (2n+1)x(2n+1) conv does, with "
-                    "fewer weights (27C² against 49C² for n = 3) and n non-linearities instead of one.")
-                with gr.Row():
-                    st_channels = gr.Slider(1, 512, value=64, step=1, label="Channels C (in and out)")
-                    st_depth = gr.Slider(1, 5, value=3, step=1, label="Stack depth n")
-                    st_size = gr.Slider(8, 112, value=56, step=8, label="Input size (px)")
-                st_costs = gr.Dataframe(label="Per design", interactive=False, elem_id="st-costs")
-                st_drawing = gr.Plot(label="Receptive field, layer by layer", format="png", elem_id="st-drawing")
-                st_measure = gr.Button("Measure both as PyTorch modules on this machine", elem_id="st-measure")
-                st_measured = gr.Dataframe(label="Measured", interactive=False, elem_id="st-measured")
-
-            with gr.Tab("Class score maps", id="score-maps") as score_tab:
-                gr.Markdown(
-                    "Section 3.2, dense evaluation: fc6-fc8 become convolutions, the network runs on the whole "
-                    "image rescaled to shortest side Q and gives a class score map of floor(side/32) - 6 per side; "
-                    "its spatial mean, softmax, averaged with the mirror image's and over the scales, is the "
-                    "prediction.")
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        sm_image = image_input("Image", "sm-image")
-                        sm_scales = gr.CheckboxGroup(SCALE_CHOICES, value=DEFAULT_SCALES, label="Test scales Q")
-                        sm_class = gr.Textbox(label="Class to map", elem_id="sm-class",
-                                              placeholder="an index or a name, e.g. 281 or tabby; blank: the "
-                                                          "top prediction (press Enter)")
-                        sm_sizes = gr.Dataframe(label="Raw class score map sizes", interactive=False, elem_id="sm-sizes")
-                    with gr.Column(scale=3):
-                        sm_overlay = gr.Plot(label="Class score map over the image (softmax probability, mean "
-                                                   "over the scales and the mirror image)", format="png",
-                                             elem_id="sm-overlay")
-                        sm_top5 = gr.Dataframe(label="Top 5 (dense, averaged over flips and scales)",
-                                               interactive=False, elem_id="sm-top5")
-
-            with gr.Tab("Feature maps", id="feature-maps") as feature_tab:
-                gr.Markdown("The activations of a named layer on the 224 px centre crop, channels with the "
-                            "largest mean activation first.")
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        fm_image = image_input("Image", "fm-image")
-                        fm_layer = layer_picker(network.layers, "fm-layer")
-                        fm_count = gr.Slider(4, 32, value=16, step=4, label="Channels shown")
-                        fm_info = gr.Dataframe(label="Layer", interactive=False, elem_id="fm-info")
-                    with gr.Column(scale=3):
-                        fm_grid = gr.Plot(label="Channels, strongest first", format="png", elem_id="fm-grid")
-
-            with gr.Tab("Models", id="models"):
-                gr.Markdown("Tables 1 and 2 of the paper, generated from vggkit's configurations; parameters are "
-                            "counted from built modules.")
-                gr.Dataframe(views.table1(), label="Table 1: configurations", interactive=False, wrap=True,
-                             column_widths=["10%"] + ["15%"] * len(PAPER_CONFIGS), elem_id="table1")
-                gr.Dataframe(views.table2(), label="Table 2: parameters", interactive=False, elem_id="table2")
-                with gr.Row():
-                    gr.Plot(views.parameter_figure(), label="Where the parameters are", format="png",
-                            elem_id="parameters")
-                    gr.Dataframe(network.weights_table(), label="Loaded weights", interactive=False, wrap=True,
-                                 elem_id="weights")
-
-        # -------------------------------------------------------------- wiring
-
-        # Each heavy view runs one request at a time (its events share a concurrency_id; serve() sets the
-        # limit to 1): a burst of requests waits in the queue instead of competing for memory and cores.
-        rf_heavy, sm_heavy, fm_heavy = ({"concurrency_id": name} for name in ("receptive_field", "score_maps",
-                                                                              "feature_maps"))
-        rf_inputs, rf_outputs = [rf_image, rf_config, rf_layer], [rf_picture, rf_effective, rf_summary, rf_x, rf_y]
-        gr.on([rf_image.change, rf_layer.input], receptive_field, rf_inputs, rf_outputs, api_name="receptive_field",
-              **rf_heavy)
-        rf_config.input(receptive_field_config, [rf_config, rf_layer], [rf_layer, rf_table],
-                        api_name="receptive_field_config").then(receptive_field, rf_inputs, rf_outputs,
-                                                                api_visibility="private", **rf_heavy)
-        rf_picture.select(clicked, None, [rf_x, rf_y], api_visibility="private").then(
-            receptive_field, rf_inputs + [rf_x, rf_y], rf_outputs, api_name="receptive_field_at", **rf_heavy)
-
-        st_inputs = [st_channels, st_depth, st_size]
-        gr.on([s.release for s in st_inputs], compare_stacks, st_inputs, [st_costs, st_drawing],
-              api_name="compare_stacks")
-        st_measure.click(measure_stacks, st_inputs, st_measured, api_name="measure_stacks")
-
-        sm_outputs = [sm_top5, sm_overlay, sm_sizes, sm_class]
-        gr.on([sm_image.change, sm_scales.input], score_maps, [sm_image, sm_scales], sm_outputs, api_name="score_maps",
-              **sm_heavy)
-        sm_class.submit(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_name="score_map_of_class",
-                        **sm_heavy)
-
-        gr.on([fm_image.change, fm_layer.input, fm_count.release], feature_maps, [fm_image, fm_layer, fm_count],
-              [fm_grid, fm_info], api_name="feature_maps", **fm_heavy)
-
-        # The first tab fills on page load; the heavier tabs when first opened (then from the cache).
-        app.load(receptive_field, rf_inputs, rf_outputs, api_visibility="private", **rf_heavy)
-        app.load(compare_stacks, st_inputs, [st_costs, st_drawing], api_visibility="private")
-        score_tab.select(score_maps, [sm_image, sm_scales, sm_class], sm_outputs, api_visibility="private", **sm_heavy)
-        feature_tab.select(feature_maps, [fm_image, fm_layer, fm_count], [fm_grid, fm_info], api_visibility="private",
-                           **fm_heavy)
+            receptive_field_tab(app, network)
+            stacks_tab(app)
+            score_maps_tab(network)
+            feature_maps_tab(network)
+            models_tab(network)
     return app
 
 
