@@ -8,12 +8,19 @@ import os
 import random
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .images import ImageError, check_rescaled, describe_non_file, is_image_file, load_image
+from .images import (
+    ImageError,
+    check_rescaled,
+    describe_non_file,
+    is_image_file,
+    load_image,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -32,6 +39,10 @@ class FolderScan:
         for _, label in self.samples:
             counts[self.classes[label]] += 1
         return counts
+
+    def empty_classes(self) -> list[str]:
+        """The classes no sample was kept for."""
+        return [name for name, count in self.counts().items() if count == 0]
 
 
 class SeenFiles:
@@ -194,33 +205,65 @@ class ImageListDataset(Dataset):
         raise RuntimeError("No readable image left in the dataset.")
 
 
-def scan_imagenet(data_dir: str | os.PathLike, verify: bool = False):
+#: (a split's folder, train's scan, class folders only in the split, classes only in train) -> what
+#: is wrong with the split's class folders, or None when they are acceptable.
+ClassMismatch = Callable[[Path, FolderScan, list[str], list[str]], str | None]
+
+
+def scan_splits(data_dir: str | os.PathLike, splits: dict[str, Path], verify: bool, mismatch: ClassMismatch,
+                num_classes: int | None = None) -> dict[str, FolderScan]:
+    """Scan ``splits["train"]`` (``data_dir`` itself without one) first, then every other split in
+    ``splits`` with train's classes, in order: ``{"train": scan, "val": scan, ...}``.
+
+    One ``SeenFiles`` is shared, so a file linked into two splits is used in the first only (a
+    validation file linked from train/ is not validated on). A ``num_classes`` that train's folders
+    disagree with, or a split whose folders ``mismatch`` refuses, is a ``ValueError`` raised before
+    the next (slow, with ``verify``) scan.
+    """
+    seen = SeenFiles()
+    train = scan_folder(splits.get("train", data_dir), verify=verify, seen=seen)
+    if num_classes is not None and num_classes != len(train.classes):
+        raise ValueError(f"num_classes={num_classes}, but {train.root} holds {len(train.classes)} class folder(s): "
+                         f"{', '.join(train.classes)}. Pass num_classes={len(train.classes)} or fix the folders.")
+    scans = {"train": train}
+    for split, root in splits.items():
+        if split == "train":
+            continue
+        found = class_folders(root)
+        error = mismatch(root, train, sorted(set(found) - set(train.classes)), sorted(set(train.classes) - set(found)))
+        if error:
+            raise ValueError(error)
+        scans[split] = scan_folder(root, classes=train.classes, verify=verify, seen=seen)
+    return scans
+
+
+def scan_imagenet(data_dir: str | os.PathLike, verify: bool = False) -> tuple[FolderScan, FolderScan]:
     """Scan ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``; val must hold the same classes."""
     splits = find_splits(data_dir)
     for split in ("train", "val"):
         if split not in splits:
             raise FileNotFoundError(f"{Path(data_dir) / split} not found. Expected the ImageFolder layout "
                                     f"{data_dir}/train/<wnid>/*.JPEG and {data_dir}/val/<wnid>/*.JPEG.")
-    seen = SeenFiles()  # shared: a validation file linked from train/ is not validated on
-    train_scan = scan_folder(splits["train"], verify=verify, seen=seen)
-    val_classes = class_folders(splits["val"])
-    if val_classes != train_scan.classes:
-        only_val = sorted(set(val_classes) - set(train_scan.classes))
-        only_train = sorted(set(train_scan.classes) - set(val_classes))
-        raise ValueError(
-            f"{splits['val']} and {splits['train']} must hold the same class folders: "
-            f"only in val: {only_val[:10] or 'none'}, only in train: {only_train[:10] or 'none'}. "
-            f"Sort the validation images into one folder per class (wnid), as train/ is.")
-    val_scan = scan_folder(splits["val"], classes=train_scan.classes, verify=verify, seen=seen)
+    scans = scan_splits(data_dir, {"train": splits["train"], "val": splits["val"]}, verify, _same_classes)
+    train_scan, val_scan = scans["train"], scans["val"]
     report_skipped(train_scan.skipped + val_scan.skipped)
-    for name, scan in (("train", train_scan), ("val", val_scan)):
+    for scan in (train_scan, val_scan):
         if not scan.samples:
             raise ValueError(f"{scan.root} holds no usable images.")
-    empty = [name for name, count in train_scan.counts().items() if count == 0]
+    empty = train_scan.empty_classes()
     if empty:  # a class never seen in training would still get an output unit, trained only to lose
         raise ValueError(f"Class folder(s) {empty[:10]} in {train_scan.root} hold no usable image; add images "
                          f"or remove the folder(s) ({len(empty)} of {len(train_scan.classes)} classes).")
     return train_scan, val_scan
+
+
+def _same_classes(val: Path, train: FolderScan, only_val: list[str], only_train: list[str]) -> str | None:
+    """ImageNet's val/ must hold exactly train's classes: the labels are the folder names."""
+    if not (only_val or only_train):
+        return None
+    return (f"{val} and {train.root} must hold the same class folders: "
+            f"only in val: {only_val[:10] or 'none'}, only in train: {only_train[:10] or 'none'}. "
+            f"Sort the validation images into one folder per class (wnid), as train/ is.")
 
 
 Samples = list[tuple[str, int]]
@@ -259,23 +302,9 @@ def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, 
     ``seed``). Raises ``ValueError`` before any training when ``num_classes`` disagrees
     with the folders, or a class has no usable image.
     """
-    splits = find_splits(data_dir)
-    seen = SeenFiles()  # shared by the splits: a file linked into two of them is used in the first only
-    train_scan = scan_folder(splits.get("train", data_dir), verify=verify, seen=seen)
+    scans = scan_splits(data_dir, find_splits(data_dir), verify, _known_classes, num_classes)
+    train_scan = scans["train"]
     classes = train_scan.classes
-    if num_classes is not None and num_classes != len(classes):
-        raise ValueError(f"num_classes={num_classes}, but {train_scan.root} holds {len(classes)} class folder(s): "
-                         f"{', '.join(classes)}. Pass num_classes={len(classes)} or fix the folders.")
-    scans = {"train": train_scan}
-    for split in ("val", "test"):
-        if split in splits:
-            scan = scan_folder(splits[split], classes=classes, verify=verify, seen=seen)
-            unknown = sorted(d.name for d in splits[split].iterdir()
-                             if d.is_dir() and not d.name.startswith(".") and d.name not in classes)
-            if unknown:
-                raise ValueError(f"{splits[split]} has class folder(s) {unknown} that {train_scan.root} lacks; "
-                                 f"the training classes are: {', '.join(classes)}.")
-            scans[split] = scan
     skipped = [item for scan in scans.values() for item in scan.skipped]
     _check_classes(train_scan, skipped)
     if "val" in scans:
@@ -293,12 +322,19 @@ def prepare_splits(data_dir: str | os.PathLike, num_classes: int | None = None, 
     return DataSplits(classes, train, val, test, skipped)
 
 
+def _known_classes(split: Path, train: FolderScan, only_split: list[str], only_train: list[str]) -> str | None:
+    """val/ and test/ may lack some of train's classes, but not have others: their labels would be unknown."""
+    if not only_split:
+        return None
+    return (f"{split} has class folder(s) {only_split} that {train.root} lacks; "
+            f"the training classes are: {', '.join(train.classes)}.")
+
+
 def _check_classes(scan: FolderScan, skipped: list[tuple[str, str]]) -> None:
-    counts = scan.counts()
-    empty = [name for name, count in counts.items() if count == 0]
+    empty = scan.empty_classes()
     if not empty:
         return
-    if len(empty) == len(counts):
+    if len(empty) == len(scan.classes):
         raise ValueError(f"No usable images in {scan.root} (class folders: {', '.join(scan.classes)}). "
                          f"Expected {scan.root}/<class>/<image files>.")
     why = "".join(f"\n  {path}: {reason}" for path, reason in skipped[:10])

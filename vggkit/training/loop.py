@@ -1,11 +1,12 @@
 """ImageNet training of the paper's configurations (section 3.1), on one process or many.
 
-``train(recipe, data_dir, output_dir)`` reads top to bottom: distributed setup, data,
-model, optimizer and plateau schedule, resume, then the epoch loop (steps with
-gradient accumulation, checkpoints, validation, logs). The same code runs alone or
-under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs, one or many machines). The
-global batch is split over processes and accumulation steps, and augmentation is
-seeded per sample, so N processes compute what one process would (section 3.3).
+``train(recipe, data_dir, output_dir)`` reads as its steps: ``resolve_run`` (recipe, data,
+distributed setup, batch split), ``build_loaders``, ``build_learner`` (model, optimizer,
+plateau schedule), ``restore`` (resume), then per epoch ``run_epoch`` (steps with gradient
+accumulation, checkpoints) and ``end_epoch`` (validation, schedule, logs), and ``finish``.
+The same code runs alone or under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs, one or
+many machines). The global batch is split over processes and accumulation steps, and
+augmentation is seeded per sample, so N processes compute what one process would (section 3.3).
 
 A run directory holds ``recipe.toml`` (the resolved recipe), ``last.pt`` (everything
 needed to resume, rewritten atomically every epoch and every ``checkpoint_every``
@@ -31,16 +32,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.folders import ImageListDataset, scan_imagenet
+from ..data.folders import FolderScan, ImageListDataset, scan_imagenet
 from ..data.pipeline import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
 from ..data.transforms import EvalTransform, TrainTransform
 from ..models.vgg import VGG
-from ..runtime.engine import choose_runtime
+from ..runtime.engine import Runtime, choose_runtime
 from ..utils.atomic import atomic_write_text, remove_stale_temps
 from ..utils.checks import check_device, check_int
 from ..utils.paths import check_output_outside, writable_folder
 from ..weights.checkpoint import read_training_state
-from ..weights.factory import create_model, load_weights, save_checkpoint
+from ..weights.factory import checkpoint_metadata, create_model, load_weights, save_checkpoint
 from .recipe import Recipe, apply_overrides
 from .step import NonFiniteLossError, TrainStep
 
@@ -79,7 +80,9 @@ def init_from(checkpoint_a: str | os.PathLike | VGG, model: VGG) -> VGG:
     ``checkpoint_a``: a trained net A as a file (any layout vggkit reads) or a ``VGG``.
     Returns ``model``, changed in place.
     """
-    source = checkpoint_a if isinstance(checkpoint_a, VGG) else _load_net_a(checkpoint_a)
+    # A file that names no model (a plain state dict) is taken as net A, not create_model's vgg16.
+    source = checkpoint_a if isinstance(checkpoint_a, VGG) else create_model(
+        checkpoint_metadata(checkpoint_a).get("model_name", "A"), weights=checkpoint_a)
     if source.spec.config not in ("A", "A-LRN"):
         raise ValueError(f"init_from expects a trained net A (config A or A-LRN), got config {source.spec.config}.")
     source_modules, target_modules = dict(source.named_modules()), dict(model.named_modules())
@@ -95,13 +98,6 @@ def init_from(checkpoint_a: str | os.PathLike | VGG, model: VGG) -> VGG:
                         f"num_classes ({source.num_classes} vs {model.num_classes}).")
                 target.copy_(tensor)
     return model
-
-
-def _load_net_a(path: str | os.PathLike) -> VGG:
-    from ..weights.factory import checkpoint_metadata
-
-    name = checkpoint_metadata(path).get("model_name", "A")
-    return create_model(name, weights=path)
 
 
 def build_model(recipe: Recipe, load_init: bool = True) -> VGG:
@@ -269,26 +265,34 @@ def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike, output_dir: str | os.PathLike,
-          resume: bool = False, overrides: list[str] | tuple[str, ...] = (), stop_after_steps: int = 0,
-          progress: bool = True) -> TrainResult:
-    """Train a VGG on an ImageFolder tree (``data_dir/train/<class>/*``, ``data_dir/val/<class>/*``).
+@dataclass
+class Run:
+    """One ``train()`` call, resolved: the recipe as run, its folder, its data and this process's share."""
 
-    ``recipe``: a ``Recipe``, a TOML path, or a shipped recipe's name (``"D-256-512"``);
-    with ``resume=True`` it may be None: the run's own recipe is read from ``last.pt``.
-    ``overrides``: ``section.key=value`` strings applied on top. ``stop_after_steps``:
-    end this invocation after that many optimizer steps with a checkpoint, to be
-    resumed later (time-limited cluster jobs; 0: no such stop). Under torchrun, every process calls this.
-    """
-    check_int("stop_after_steps", stop_after_steps, 0)
-    # ---- where the run lives, what it trains on, which recipe
+    recipe: Recipe
+    output: Path
+    saved: dict | None  #: last.pt as read when resuming, else None
+    train_scan: FolderScan
+    val_scan: FolderScan
+    dist: Distributed
+    runtime: Runtime
+    steps_per_epoch: int
+    per_process: int  #: images per optimizer step on this process (micro_batch x accumulation)
+    micro_batch: int
+    accumulation: int
+
+
+def resolve_run(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike,
+                output_dir: str | os.PathLike, resume: bool, overrides: list[str] | tuple[str, ...]) -> Run:
+    """The recipe (a resumed run's own, from last.pt) with ``overrides``, the scanned data, the device and
+    process group, the batch split; writes recipe.toml. Every check fails here, before any training."""
     if recipe is None and not resume:
         raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
     check_output_outside(output_dir, data_dir)
     output = prepare_output(output_dir, resume)
-    state = load_training_state(output / LAST) if resume else None
-    if state is not None:  # the run's own recipe; a recipe given as well is ignored
-        recipe = Recipe.from_dict(apply_overrides(state["recipe"], overrides), source=str(output / LAST))
+    saved = load_training_state(output / LAST) if resume else None
+    if saved is not None:  # the run's own recipe; a recipe given as well is ignored
+        recipe = Recipe.from_dict(apply_overrides(saved["recipe"], overrides), source=str(output / LAST))
     elif isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(apply_overrides(recipe.to_dict(), overrides))
     else:
@@ -312,194 +316,324 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
                                                          recipe.run.max_batch_per_gpu)
     if dist.is_main:
         (output / RECIPE).write_text(recipe.to_toml())
+    return Run(recipe, output, saved, train_scan, val_scan, dist, runtime, steps_per_epoch, per_process,
+               micro_batch, accumulation)
 
-    # ---- data: seeded per-sample augmentation, this process's shard of every epoch
+
+@dataclass
+class Loaders:
+    """This process's data: its shard of every (seeded, resumable) epoch, and its shard of validation."""
+
+    train: DataLoader
+    sampler: EpochSampler
+    val: DataLoader
+    gpu_augment: GpuAugment | None  #: decodes and augments train batches on the GPU (data.gpu_decode)
+
+
+def build_loaders(run: Run) -> Loaders:
+    """Train batches of ``micro_batch`` images augmented per sample from the run's seed, and val batches."""
+    recipe, dist = run.recipe, run.dist
     seed, use_cuda = recipe.run.seed, dist.device.type == "cuda"
     augment = TrainTransform(scale=recipe.scale_range, crop=recipe.data.crop, flip=recipe.data.flip,
                              pca_std=recipe.data.pca_std)
     gpu_augment = GpuAugment(augment, dist.device) if recipe.data.gpu_decode else None
-    train_set = (EncodedImages(train_scan.samples, seed) if gpu_augment
-                 else SeededAugment(train_scan.samples, augment, seed))
-    sampler = EpochSampler(len(train_set), dist.world_size, dist.rank, seed, length=steps_per_epoch * per_process)
+    train_set = (EncodedImages(run.train_scan.samples, seed) if gpu_augment
+                 else SeededAugment(run.train_scan.samples, augment, seed))
+    sampler = EpochSampler(len(train_set), dist.world_size, dist.rank, seed,
+                           length=run.steps_per_epoch * run.per_process)
     workers = recipe.data.workers
     # Loaders draw worker seeds from their own generator, never from the global RNG that dropout uses.
     loader_options = dict(num_workers=workers, pin_memory=use_cuda, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(seed))
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler,
+    train_loader = DataLoader(train_set, batch_size=run.micro_batch, sampler=sampler,
                               collate_fn=collate_encoded if gpu_augment else None, **loader_options)
-    val_set = ImageListDataset(val_scan.samples, EvalTransform(recipe.data.val_scale, recipe.data.crop))
-    val_loader = DataLoader(val_set, batch_size=micro_batch,
+    val_set = ImageListDataset(run.val_scan.samples, EvalTransform(recipe.data.val_scale, recipe.data.crop))
+    val_loader = DataLoader(val_set, batch_size=run.micro_batch,
                             sampler=ShardSampler(len(val_set), dist.world_size, dist.rank), **loader_options)
+    return Loaders(train_loader, sampler, val_loader, gpu_augment)
 
-    # ---- model, optimizer, plateau schedule (at most max_drops drops: the floor stops the rest)
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    raw_model = build_model(recipe, load_init=state is None)
-    raw_model.class_names = train_scan.classes
-    raw_model.to(dist.device, memory_format=torch.channels_last if recipe.run.channels_last else torch.preserve_format)
-    train_step = TrainStep(raw_model, recipe, runtime, dist.enabled, accumulation)
-    model, optimizer, scaler, autocast = train_step.model, train_step.optimizer, train_step.scaler, train_step.autocast
-    schedule = recipe.schedule
-    scheduler = plateau_scheduler(optimizer, recipe)
 
-    # ---- resume: weights, optimizer, schedule, position in the epoch, every RNG
-    start_epoch, start_step, global_step, history, best_error, epoch_loss = 0, 0, 0, [], math.inf, 0.0
-    torch.manual_seed(seed + dist.rank)  # dropout masks differ per rank, as on separate GPUs
-    if state is not None:
-        raw_model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        history = [row for row in state["history"] if row["epoch"] <= start_epoch]  # drop a partial epoch's row
-        best_error, epoch_loss = state["best_top1_error"], state["epoch_loss"]
-        set_rng_state(state["rng"][dist.rank if len(state["rng"]) == dist.world_size else 0])
-        if dist.is_main:
-            # A kill after last.pt but before the logs: re-derive them from last.pt's history (best.pt is
-            # written before last.pt, so it is never behind it).
-            write_metrics(output, history)
+@dataclass
+class Learner:
+    """The network (``net``: unwrapped, on the device), its training step (DDP, optimizer, scaler,
+    autocast) and its plateau schedule."""
 
-    def save_state(epoch: int, step: int, loss_so_far: float = 0.0) -> None:
-        rng = gather_rng_states(dist)  # a collective: every rank takes part
-        if dist.is_main:
-            save_checkpoint(raw_model, output / LAST, recipe=recipe.to_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled()
-                            else None, epoch=epoch, step=step, global_step=global_step, rng=rng, history=history,
-                            best_top1_error=best_error, epoch_loss=loss_so_far)
+    net: VGG
+    step: TrainStep
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
 
-    if dist.is_main:
-        how = " ".join([dist.device.type, runtime.precision] + ["channels_last"] * recipe.run.channels_last
-                       + ["compiled"] * runtime.compile)
-        s_min, s_max = recipe.scale_range
-        scale = f"S = {s_min}" if s_min == s_max else f"S = [{s_min}, {s_max}]"  # as run, after any --set
-        print(f"vggkit train: {recipe.name or recipe.model.name} ({recipe.model.name}, {scale}, crop "
-              f"{recipe.data.crop}), {len(train_scan.samples)} train / "
-              f"{len(val_scan.samples)} val images, {len(train_scan.classes)} classes; {dist.world_size} "
-              f"process(es) on {how}; batch {recipe.optim.batch_size} = {dist.world_size} x "
-              f"{accumulation} x {micro_batch}; {steps_per_epoch} steps/epoch"
-              + (f"; resuming at epoch {start_epoch + 1}, step {start_step}" if state is not None else ""),
-              file=sys.stderr)
+    @property
+    def lr(self) -> float:
+        return self.step.optimizer.param_groups[0]["lr"]
 
-    # ---- the epoch loop. Losses stay on the device; they are read back (the one host synchronisation
-    # of a step) every run.loss_every steps, before every checkpoint and at the end of an epoch, so a
-    # non-finite loss is always caught before a checkpoint could hold its update.
-    steps_this_run, completed, curves_drawn_at, curves_stale = 0, True, time.monotonic(), state is not None
-    step_losses: list[float] = []
 
-    def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar) -> None:
-        """Bring the ``pending`` step losses (the last of them step ``next_step``) to the host; stop on NaN/inf."""
-        if not pending:
-            return
-        values = torch.stack(pending).tolist()
-        pending.clear()
-        for offset, value in enumerate(values):
-            if not math.isfinite(value):
-                bar.close()
-                last = output / LAST
-                kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
-                raise NonFiniteLossError(
-                    f"Loss is {value} at epoch {epoch + 1}, step {next_step - len(values) + offset + 1}: training "
-                    f"stopped, and no checkpoint holds this or a later update. {kept} Lower optim.lr (now "
-                    f"{optimizer.param_groups[0]['lr']:g}) or check the data, then continue with --resume.")
-        step_losses.extend(values)
-        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.0e}")
+def build_learner(run: Run) -> Learner:
+    """The recipe's network with identical initial weights on every rank (a resumed run's come later)."""
+    recipe = run.recipe
+    torch.manual_seed(recipe.run.seed)  # identical initial weights on every rank
+    net = build_model(recipe, load_init=run.saved is None)
+    net.class_names = run.train_scan.classes
+    net.to(run.dist.device, memory_format=torch.channels_last if recipe.run.channels_last else torch.preserve_format)
+    step = TrainStep(net, recipe, run.runtime, run.dist.enabled, run.accumulation)
+    return Learner(net, step, plateau_scheduler(step.optimizer, recipe))
+
+
+@dataclass
+class RunState:
+    """Where the run stands (what last.pt holds besides weights, optimizer and RNGs) and this call's tallies."""
+
+    start_epoch: int = 0
+    start_step: int = 0  #: the next epoch's first step: past 0 when resuming inside an epoch
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_error: float = math.inf  #: the best validation top-1 error so far (%)
+    epoch_loss: float = 0.0  #: summed losses of the resumed epoch's steps before start_step
+    steps_this_run: int = 0
+    completed: bool = True  #: False once stop_after_steps stopped the run, to be resumed
+    step_losses: list[float] = field(default_factory=list)  #: every optimizer step's loss in this call
+    curves_stale: bool = False  #: curves.png lags metrics.jsonl
+    curves_drawn_at: float = 0.0  #: time.monotonic() when curves.png was last drawn, or the epochs began
+
+
+def restore(run: Run, learner: Learner) -> RunState:
+    """A fresh RunState, or a resumed run's: weights, optimizer, schedule, position in the epoch, every RNG."""
+    saved = run.saved
+    if saved is None:
+        return RunState()
+    learner.net.load_state_dict(saved["state_dict"])
+    learner.step.optimizer.load_state_dict(saved["optimizer"])
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        learner.step.scaler.load_state_dict(saved["scaler"])
+    start_epoch = saved["epoch"]
+    state = RunState(start_epoch, saved["step"], saved["global_step"],
+                     history=[row for row in saved["history"] if row["epoch"] <= start_epoch],  # no partial epoch
+                     best_error=saved["best_top1_error"], epoch_loss=saved["epoch_loss"], curves_stale=True)
+    set_rng_state(saved["rng"][run.dist.rank if len(saved["rng"]) == run.dist.world_size else 0])
+    if run.dist.is_main:
+        # A kill after last.pt but before the logs: re-derive them from last.pt's history (best.pt is
+        # written before last.pt, so it is never behind it).
+        write_metrics(run.output, state.history)
+    return state
+
+
+def announce(run: Run, state: RunState) -> None:
+    """The run in one line on stderr: recipe, data, processes, batch split, where a resume starts."""
+    recipe, dist = run.recipe, run.dist
+    how = " ".join([dist.device.type, run.runtime.precision] + ["channels_last"] * recipe.run.channels_last
+                   + ["compiled"] * run.runtime.compile)
+    s_min, s_max = recipe.scale_range
+    scale = f"S = {s_min}" if s_min == s_max else f"S = [{s_min}, {s_max}]"  # as run, after any --set
+    print(f"vggkit train: {recipe.name or recipe.model.name} ({recipe.model.name}, {scale}, crop "
+          f"{recipe.data.crop}), {len(run.train_scan.samples)} train / "
+          f"{len(run.val_scan.samples)} val images, {len(run.train_scan.classes)} classes; {dist.world_size} "
+          f"process(es) on {how}; batch {recipe.optim.batch_size} = {dist.world_size} x "
+          f"{run.accumulation} x {run.micro_batch}; {run.steps_per_epoch} steps/epoch"
+          + (f"; resuming at epoch {state.start_epoch + 1}, step {state.start_step}" if run.saved is not None
+             else ""),
+          file=sys.stderr)
+
+
+def save_state(run: Run, learner: Learner, state: RunState, epoch: int, step: int, loss_so_far: float = 0.0) -> None:
+    """last.pt: everything a resume needs to continue at ``step`` of ``epoch``. Every rank calls it."""
+    rng = gather_rng_states(run.dist)  # a collective: every rank takes part
+    if run.dist.is_main:
+        scaler = learner.step.scaler
+        save_checkpoint(learner.net, run.output / LAST, recipe=run.recipe.to_dict(),
+                        optimizer=learner.step.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
+                        scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, step=step,
+                        global_step=state.global_step, rng=rng, history=state.history,
+                        best_top1_error=state.best_error, epoch_loss=loss_so_far)
+
+
+def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar: tqdm, output: Path, lr: float,
+              step_losses: list[float]) -> None:
+    """Bring the ``pending`` step losses (the last of them step ``next_step``) to the host, onto
+    ``step_losses``; stop on NaN/inf."""
+    if not pending:
+        return
+    values = torch.stack(pending).tolist()
+    pending.clear()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            bar.close()
+            last = output / LAST
+            kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
+            raise NonFiniteLossError(
+                f"Loss is {value} at epoch {epoch + 1}, step {next_step - len(values) + offset + 1}: training "
+                f"stopped, and no checkpoint holds this or a later update. {kept} Lower optim.lr (now "
+                f"{lr:g}) or check the data, then continue with --resume.")
+    step_losses.extend(values)
+    bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.0e}")
+
+
+@dataclass
+class EpochTally:
+    """One epoch's steps as this call ran them: the summed loss (a () tensor on the device), images, timings."""
+
+    epoch: int
+    loss_sum: torch.Tensor
+    warmup_steps: int  #: the first steps (compilation, cuDNN's tuning, filling the loader), timed apart
+    started: float  #: time.perf_counter() at the epoch's start
+    step: int  #: the last step run (start_step - 1 before the first)
+    images_seen: int = 0
+    warm_at: float = 0.0  #: when the warmup steps were done, and images_seen then
+    warm_images: int = 0
+    stopped: bool = False  #: by stop_after_steps or schedule.max_steps
+
+
+def run_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, epoch: int, stop_after_steps: int,
+              progress: bool) -> EpochTally:
+    """The steps of ``epoch`` from ``state.start_step``, with checkpoints every run.checkpoint_every steps.
+
+    Losses stay on the device; they are read back (the one host synchronisation of a step) every
+    run.loss_every steps, before every checkpoint and at the end of the epoch, so a non-finite loss
+    is always caught before a checkpoint could hold its update.
+    """
+    recipe, dist, schedule, start_step = run.recipe, run.dist, run.recipe.schedule, state.start_step
+    loaders.sampler.set_epoch(epoch, start=start_step * run.per_process)
+    batches = iter(loaders.train)
+    learner.step.model.train()
+    loss_sum = torch.tensor(state.epoch_loss, device=dist.device)  # summed step losses of this epoch so far
+    pending: list[torch.Tensor] = []  # step losses not yet read back
+    tally = EpochTally(epoch, loss_sum, min(WARMUP_STEPS, (run.steps_per_epoch - start_step) // 2),
+                       time.perf_counter(), start_step - 1)
+    tally.warm_at = tally.started
+    bar = tqdm(total=run.steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{schedule.epochs}",
+               disable=not (dist.is_main and progress), leave=False, dynamic_ncols=True)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = gpu_augment(*next(batches)) if gpu_augment else next(batches)
+        images, labels = loaders.gpu_augment(*next(batches)) if loaders.gpu_augment else next(batches)
         return to_device(images, dist.device, recipe.run.channels_last), labels.to(dist.device, non_blocking=True)
 
-    for epoch in range(start_epoch, schedule.epochs):
-        if schedule.max_steps and global_step >= schedule.max_steps:
-            break
-        sampler.set_epoch(epoch, start=start_step * per_process)
-        batches = iter(train_loader)
-        model.train()
-        loss_sum = torch.tensor(epoch_loss, device=dist.device)  # summed step losses of this epoch so far
-        pending: list[torch.Tensor] = []  # step losses not yet read back
-        # The first steps of an epoch (compilation, cuDNN's tuning, filling the loader) are timed apart.
-        warmup_steps = min(WARMUP_STEPS, (steps_per_epoch - start_step) // 2)
-        images_seen, started, step = 0, time.perf_counter(), start_step - 1
-        warm_at, warm_images = started, 0
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{schedule.epochs}",
-                   disable=not (dist.is_main and progress), leave=False, dynamic_ncols=True)
-        stopped = False
-        for step in range(start_step, steps_per_epoch):
-            step_loss = train_step(next_batch)
-            loss_sum += step_loss
-            pending.append(step_loss)
-            global_step, steps_this_run = global_step + 1, steps_this_run + 1
-            images_seen += per_process * dist.world_size
-            bar.update()
-            if steps_this_run == 1 and runtime.compile:
-                read_back(pending, epoch, step + 1, bar)
-                if dist.is_main:
-                    tqdm.write(f"vggkit train: compiled the training step in {time.perf_counter() - started:.1f} s "
-                               f"(first step)", file=sys.stderr)
-            if step + 1 - start_step == warmup_steps:
-                read_back(pending, epoch, step + 1, bar)
-                warm_at, warm_images = time.perf_counter(), images_seen
-            if len(pending) >= recipe.run.loss_every:
-                read_back(pending, epoch, step + 1, bar)
-            out_of_steps = schedule.max_steps and global_step >= schedule.max_steps
-            checkpoint = recipe.run.checkpoint_every and global_step % recipe.run.checkpoint_every == 0
-            if (stop_after_steps and steps_this_run >= stop_after_steps) or out_of_steps or checkpoint:
-                read_back(pending, epoch, step + 1, bar)
-            if stop_after_steps and steps_this_run >= stop_after_steps and not out_of_steps:
-                save_state(epoch, step + 1, loss_sum.item())
-                stopped, completed = True, False
-                break
-            if out_of_steps:
-                stopped = True
-                break
-            if checkpoint:
-                save_state(epoch, step + 1, loss_sum.item())
-        read_back(pending, epoch, step + 1, bar)
-        bar.close()
-        if not completed:
-            break
-        ended = time.perf_counter()
-        seconds = ended - started
+    def flush() -> None:
+        read_back(pending, epoch, tally.step + 1, bar, run.output, learner.lr, state.step_losses)
 
-        # ---- validation, the plateau schedule, logs, checkpoints
-        metrics = validate(model, val_loader, dist, autocast, recipe.run.channels_last)
-        lr = optimizer.param_groups[0]["lr"]
-        finished_epoch = step + 1 == steps_per_epoch
-        if finished_epoch:
-            scheduler.step(100 - metrics["val_top1_error"])
-        steady = (images_seen - warm_images) / (ended - warm_at) if images_seen > warm_images else 0.0
-        row = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (step + 1), **metrics,
-               "lr": lr, "images_per_s": steady or images_seen / seconds, "seconds": seconds,
-               "warmup_steps": warmup_steps, "warmup_seconds": warm_at - started,
-               "images_per_s_with_warmup": images_seen / seconds}
-        row.update(target_gap(recipe, metrics))
-        history.append(row)
-        improved = metrics["val_top1_error"] < best_error
-        best_error = min(best_error, metrics["val_top1_error"])
-        # Order matters for a kill between two writes: best.pt before last.pt (a resume replays the epoch
-        # and rewrites the same best.pt), the logs after it (a resume re-derives them from last.pt).
-        if dist.is_main and improved:
-            save_checkpoint(raw_model, output / BEST, epoch=epoch + 1, recipe=recipe.to_dict(),
-                            accuracy={"top1_error": metrics["val_top1_error"],
-                                      "top5_error": metrics["val_top5_error"]})
-        save_state(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else step + 1,
-                   0.0 if finished_epoch else loss_sum.item())
-        if dist.is_main:
-            write_metrics(output, history)
-            curves_stale = True
-            if time.monotonic() - curves_drawn_at >= CURVES_EVERY_S:
-                write_curves(output, history)
-                curves_drawn_at, curves_stale = time.monotonic(), False
-            tqdm.write(epoch_summary(recipe, row), file=sys.stderr)
-        start_step, epoch_loss = 0, 0.0
-        if stopped:
+    for step in range(start_step, run.steps_per_epoch):
+        tally.step = step
+        step_loss = learner.step(next_batch)
+        tally.loss_sum += step_loss
+        pending.append(step_loss)
+        state.global_step, state.steps_this_run = state.global_step + 1, state.steps_this_run + 1
+        tally.images_seen += run.per_process * dist.world_size
+        bar.update()
+        if state.steps_this_run == 1 and run.runtime.compile:
+            flush()
+            if dist.is_main:
+                tqdm.write(f"vggkit train: compiled the training step in {time.perf_counter() - tally.started:.1f} "
+                           f"s (first step)", file=sys.stderr)
+        if step + 1 - start_step == tally.warmup_steps:
+            flush()
+            tally.warm_at, tally.warm_images = time.perf_counter(), tally.images_seen
+        if len(pending) >= recipe.run.loss_every:
+            flush()
+        out_of_steps = schedule.max_steps and state.global_step >= schedule.max_steps
+        checkpoint = recipe.run.checkpoint_every and state.global_step % recipe.run.checkpoint_every == 0
+        stop_here = stop_after_steps and state.steps_this_run >= stop_after_steps
+        if stop_here or out_of_steps or checkpoint:
+            flush()
+        if stop_here and not out_of_steps:
+            save_state(run, learner, state, epoch, step + 1, tally.loss_sum.item())
+            tally.stopped, state.completed = True, False
             break
+        if out_of_steps:
+            tally.stopped = True
+            break
+        if checkpoint:
+            save_state(run, learner, state, epoch, step + 1, tally.loss_sum.item())
+    flush()
+    bar.close()
+    return tally
 
-    if dist.is_main and curves_stale:
-        write_curves(output, history)
-    if dist.enabled:
+
+def epoch_row(recipe: Recipe, tally: EpochTally, metrics: dict, lr: float, ended: float) -> dict:
+    """metrics.jsonl's line for an epoch: train loss, validation ``metrics``, lr, throughput, paper gap."""
+    seconds = ended - tally.started
+    steady = ((tally.images_seen - tally.warm_images) / (ended - tally.warm_at)
+              if tally.images_seen > tally.warm_images else 0.0)
+    row = {"epoch": tally.epoch + 1, "step": tally.step + 1, "train_loss": tally.loss_sum.item() / (tally.step + 1),
+           **metrics, "lr": lr, "images_per_s": steady or tally.images_seen / seconds, "seconds": seconds,
+           "warmup_steps": tally.warmup_steps, "warmup_seconds": tally.warm_at - tally.started,
+           "images_per_s_with_warmup": tally.images_seen / seconds}
+    row.update(target_gap(recipe, metrics))
+    return row
+
+
+def end_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, tally: EpochTally) -> None:
+    """Validate; step the plateau schedule if the epoch ran to its end; write best.pt (on improvement),
+    last.pt, metrics.jsonl and, at most every CURVES_EVERY_S, curves.png, in that order."""
+    ended = time.perf_counter()
+    dist, recipe, last_step = run.dist, run.recipe, tally.step + 1
+    metrics = validate(learner.step.model, loaders.val, dist, learner.step.autocast, recipe.run.channels_last)
+    lr = learner.lr
+    finished_epoch = last_step == run.steps_per_epoch
+    if finished_epoch:
+        learner.scheduler.step(100 - metrics["val_top1_error"])
+    row = epoch_row(recipe, tally, metrics, lr, ended)
+    state.history.append(row)
+    improved = metrics["val_top1_error"] < state.best_error
+    state.best_error = min(state.best_error, metrics["val_top1_error"])
+    # Order matters for a kill between two writes: best.pt before last.pt (a resume replays the epoch
+    # and rewrites the same best.pt), the logs after it (a resume re-derives them from last.pt).
+    if dist.is_main and improved:
+        save_checkpoint(learner.net, run.output / BEST, epoch=tally.epoch + 1, recipe=recipe.to_dict(),
+                        accuracy={"top1_error": metrics["val_top1_error"], "top5_error": metrics["val_top5_error"]})
+    if finished_epoch:
+        save_state(run, learner, state, tally.epoch + 1, 0, 0.0)
+    else:
+        save_state(run, learner, state, tally.epoch, last_step, tally.loss_sum.item())
+    if dist.is_main:
+        write_metrics(run.output, state.history)
+        state.curves_stale = True
+        if time.monotonic() - state.curves_drawn_at >= CURVES_EVERY_S:
+            write_curves(run.output, state.history)
+            state.curves_drawn_at, state.curves_stale = time.monotonic(), False
+        tqdm.write(epoch_summary(recipe, row), file=sys.stderr)
+    state.start_step, state.epoch_loss = 0, 0.0
+
+
+def finish(run: Run, learner: Learner, state: RunState) -> TrainResult:
+    """Draw curves.png if it lags, wait for every rank, and say what the run ended with."""
+    if run.dist.is_main and state.curves_stale:
+        write_curves(run.output, state.history)
+    if run.dist.enabled:
         torch_dist.barrier()
-    return TrainResult(raw_model, history, output / LAST, output / BEST if (output / BEST).is_file() else None,
-                       completed, step_losses)
+    best = run.output / BEST
+    return TrainResult(learner.net, state.history, run.output / LAST, best if best.is_file() else None,
+                       state.completed, state.step_losses)
+
+
+def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike, output_dir: str | os.PathLike,
+          resume: bool = False, overrides: list[str] | tuple[str, ...] = (), stop_after_steps: int = 0,
+          progress: bool = True) -> TrainResult:
+    """Train a VGG on an ImageFolder tree (``data_dir/train/<class>/*``, ``data_dir/val/<class>/*``).
+
+    ``recipe``: a ``Recipe``, a TOML path, or a shipped recipe's name (``"D-256-512"``);
+    with ``resume=True`` it may be None: the run's own recipe is read from ``last.pt``.
+    ``overrides``: ``section.key=value`` strings applied on top. ``stop_after_steps``:
+    end this invocation after that many optimizer steps with a checkpoint, to be
+    resumed later (time-limited cluster jobs; 0: no such stop). Under torchrun, every process calls this.
+    """
+    check_int("stop_after_steps", stop_after_steps, 0)
+    run = resolve_run(recipe, data_dir, output_dir, resume, overrides)
+    loaders = build_loaders(run)
+    learner = build_learner(run)
+    torch.manual_seed(run.recipe.run.seed + run.dist.rank)  # dropout masks differ per rank, as on separate GPUs
+    state = restore(run, learner)
+    if run.dist.is_main:
+        announce(run, state)
+    state.curves_drawn_at = time.monotonic()
+    schedule = run.recipe.schedule
+    for epoch in range(state.start_epoch, schedule.epochs):
+        if schedule.max_steps and state.global_step >= schedule.max_steps:
+            break
+        tally = run_epoch(run, loaders, learner, state, epoch, stop_after_steps, progress)
+        if not state.completed:
+            break
+        end_epoch(run, loaders, learner, state, tally)
+        if tally.stopped:
+            break
+    return finish(run, learner, state)
 
 
 def compile_step(recipe: Recipe, device: torch.device, steps_per_epoch: int) -> bool:
