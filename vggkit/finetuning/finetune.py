@@ -298,8 +298,9 @@ def _stop_on_non_finite(error: NonFiniteLossError, best_epoch: int, lr: float) -
     if not best_epoch:
         raise NonFiniteLossError(f"{error}: training stopped before this update, and no epoch finished with "
                                  f"finite losses, so nothing was written. {fix}") from None
+    # Called from _fit, itself called by finetune: stacklevel 4 points the warning at finetune's caller.
     warnings.warn(f"{error}: training stopped before this update; the best epoch before it ({best_epoch}) is "
-                  f"kept and saved. {fix}", stacklevel=3)
+                  f"kept and saved. {fix}", stacklevel=4)
 
 
 def _trainable_state(model: VGG, frozen: int) -> dict[str, torch.Tensor]:
@@ -375,6 +376,58 @@ def finetune(
     validation loss). One line per epoch is printed when ``log_epochs`` (default: ``progress``).
     Writes ``model.pth``, ``training_curves.png`` and ``confusion_matrix.png`` to ``output_dir``.
     """
+    _check_arguments(num_classes, strategy=strategy, optimizer=optimizer, cache_features=cache_features,
+                     epochs=epochs, patience=patience, batch_size=batch_size, num_workers=num_workers,
+                     unfreeze_blocks=unfreeze_blocks, lr=lr, backbone_lr_scale=backbone_lr_scale,
+                     val_fraction=val_fraction, image_size=image_size, device=device)
+    log_epochs = progress if log_epochs is None else log_epochs
+    strategy, optimizer, backbone_lr_scale = _training_defaults(weights, strategy, optimizer, backbone_lr_scale)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    data_dir = Path(data_dir)
+    output_dir = Path(output_dir) if output_dir is not None else Path("vggkit_runs") / f"{data_dir.name}-{model}"
+    check_output_outside(output_dir, data_dir, flag="output_dir (--output)")
+    # Called here, not in a helper: its single-image warning points two frames up, at finetune's caller.
+    splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
+    writable_folder(output_dir)  # before training, not when saving its result
+    report_skipped(splits.skipped)
+    if len(splits.classes) < 2:
+        raise ValueError(f"{data_dir} holds one class folder ({splits.classes[0]}): a classifier learns to tell at "
+                         f"least two classes apart. Add a folder of images of another class.")
+
+    net, frozen, run_device = _build_network(model, weights, splits.classes, head=head, width=width, dropout=dropout,
+                                             hidden=hidden, image_size=image_size, strategy=strategy,
+                                             unfreeze_blocks=unfreeze_blocks, device=device)
+    inputs, cache_storage, cache_seconds = _training_inputs(net, frozen, splits, strategy, cache_features, flip,
+                                                            output_dir, run_device, seed=seed, batch_size=batch_size,
+                                                            num_workers=num_workers, progress=progress)
+    lr = lr if lr is not None else DEFAULT_LR[optimizer]
+    opt, scheduler = _optimizer(net, frozen, optimizer, lr, backbone_lr_scale, weight_decay, patience)
+    try:
+        history, best_epoch = _fit(net, frozen, inputs, run_device, opt, scheduler, epochs=epochs, patience=patience,
+                                   seed=seed, cache_seconds=cache_seconds, progress=progress, log_epochs=log_epochs)
+        split, labels, predictions = _evaluate(net, inputs, run_device)
+    finally:
+        inputs.close()
+    metrics = classification_metrics(labels, predictions, splits.classes, split)
+
+    config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
+              "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
+              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+              "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
+              "image_size": net.preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
+              "patience": patience, "cache_features": cache_storage, "seed": seed}
+    checkpoint, plots = _write_outputs(net, config, history, metrics, best_epoch, splits.classes, output_dir)
+    return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
+                          cache_storage, cache_seconds)
+
+
+def _check_arguments(num_classes: int | None, *, strategy: str | None, optimizer: str | None,
+                     cache_features: bool | str, epochs: int, patience: int, batch_size: int, num_workers: int,
+                     unfreeze_blocks: int, lr: float | None, backbone_lr_scale: float | None, val_fraction: float,
+                     image_size: int | None, device: str | torch.device | None) -> None:
+    """Refuse a bad argument before any file is read; the ones left as None are filled in later."""
     if optimizer is not None:
         check_choice("optimizer", optimizer, OPTIMIZERS)
     if strategy is not None:
@@ -395,42 +448,48 @@ def finetune(
         check_side("image_size", image_size)
     if device is not None:
         check_device("device", device)
-    log_epochs = progress if log_epochs is None else log_epochs
-    strategy, optimizer, backbone_lr_scale = _training_defaults(weights, strategy, optimizer, backbone_lr_scale)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    data_dir = Path(data_dir)
-    output_dir = Path(output_dir) if output_dir is not None else Path("vggkit_runs") / f"{data_dir.name}-{model}"
-    check_output_outside(output_dir, data_dir, flag="output_dir (--output)")
-    splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
-    writable_folder(output_dir)  # before training, not when saving its result
-    report_skipped(splits.skipped)
-    num_classes = len(splits.classes)
-    if num_classes < 2:
-        raise ValueError(f"{data_dir} holds one class folder ({splits.classes[0]}): a classifier learns to tell at "
-                         f"least two classes apart. Add a folder of images of another class.")
 
-    net = build_model(model, weights, num_classes, head, width, dropout, hidden, image_size)
-    net.class_names = list(splits.classes)
+
+def _build_network(model: str, weights, classes: list[str], *, head: str, width: float | None, dropout: float,
+                   hidden: int, image_size: int | None, strategy: str, unfreeze_blocks: int,
+                   device: str | torch.device | None) -> tuple[VGG, int, torch.device]:
+    """The model with its new head, frozen by strategy, on the chosen device.
+
+    Returns the model, how many leading ``features`` layers are frozen, and the device.
+    """
+    net = build_model(model, weights, len(classes), head, width, dropout, hidden, image_size)
+    net.class_names = list(classes)
     frozen = frozen_prefix(net, strategy, unfreeze_blocks)
     freeze(net, frozen)
     runtime = choose_runtime(device=device)
     net.to(runtime.device)
+    return net, frozen, runtime.device
 
+
+def _training_inputs(net: VGG, frozen: int, splits: DataSplits, strategy: str, cache_features: bool | str,
+                     flip: bool, output_dir: Path, device: torch.device, *, seed: int, batch_size: int,
+                     num_workers: int, progress: bool) -> tuple[TrainingInputs, str | None, float]:
+    """Batches for each split: cached or recomputed pool5 for ``strategy="head"``, else images.
+
+    Returns the inputs, the feature cache's storage (None without one) and the seconds it took to build.
+    """
     cache = None if cache_features is False or strategy != "head" else (
         "auto" if cache_features is True else cache_features)
     cache_start = time.perf_counter()
     if strategy == "head":
         remove_stale_caches(output_dir / "feature_cache")  # left by a run killed before it cleaned up
-        inputs = frozen_backbone_inputs(net, splits, flip, cache, output_dir / "feature_cache", runtime.device,
+        inputs = frozen_backbone_inputs(net, splits, flip, cache, output_dir / "feature_cache", device,
                                         batch_size, num_workers, progress)
     else:
         inputs = image_inputs(net, frozen, splits, flip, seed, batch_size, num_workers)
     cache_seconds = time.perf_counter() - cache_start if cache else 0.0
     cache_storage = inputs.train.cache.storage if cache else None
+    return inputs, cache_storage, cache_seconds
 
-    lr = lr if lr is not None else DEFAULT_LR[optimizer]
+
+def _optimizer(net: VGG, frozen: int, optimizer: str, lr: float, backbone_lr_scale: float, weight_decay: float,
+               patience: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau]:
+    """SGD with momentum or AdamW over the trainable layers (conv at ``lr * backbone_lr_scale``), and its schedule."""
     groups = parameter_groups(net, frozen, lr, backbone_lr_scale)
     if optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -441,63 +500,82 @@ def finetune(
     # from random weights is still learning, and dividing then leaves it at chance.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
                                                            patience=max(1, patience // 2))
-    generator = torch.Generator().manual_seed(seed)
+    return opt, scheduler
 
+
+def _fit(net: VGG, frozen: int, inputs: TrainingInputs, device: torch.device, opt: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau, *, epochs: int, patience: int, seed: int,
+         cache_seconds: float, progress: bool, log_epochs: bool) -> tuple[list[dict], int]:
+    """Train with early stopping on validation accuracy and leave ``net`` at its best epoch.
+
+    Returns one history dict per finished epoch and the best epoch's number. A non-finite loss
+    ends training at the last good epoch (a warning), or raises if no epoch finished.
+    """
+    generator = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     best_key, best_epoch, best_state, stale = None, 0, None, 0
-    try:
-        for epoch in range(1, epochs + 1):
-            start = time.perf_counter()
-            try:
-                set_train_mode(net, frozen)
-                train_loss, train_acc, _, _ = run_epoch(inputs.train, inputs.forward, runtime.device, opt,
-                                                        generator, progress, f"epoch {epoch}/{epochs} train")
-                net.eval()
-                val_loss, val_acc, _, _ = run_epoch(inputs.val, inputs.forward, runtime.device,
-                                                    progress=progress, description=f"epoch {epoch}/{epochs} val")
-                if not np.isfinite(val_loss):
-                    raise NonFiniteLossError(f"Validation loss is {val_loss} after epoch {epoch}")
-            except NonFiniteLossError as error:
-                _stop_on_non_finite(error, best_epoch, opt.param_groups[0]["lr"])
-                break
-            seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
-            history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                            "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
-            if log_epochs:
-                tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-                           f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
-            # Patience counts epochs without a better accuracy (as --patience says); among equal
-            # accuracies the kept state is the one with the lowest validation loss.
-            stale = 0 if best_key is None or val_acc > best_key[0] else stale + 1
-            if best_key is None or (val_acc, -val_loss) > best_key:
-                best_key, best_epoch, best_state = (val_acc, -val_loss), epoch, _trainable_state(net, frozen)
-            if stale >= patience:
-                break
-            scheduler.step(val_loss)
-        net.load_state_dict(best_state, strict=False)
-        net.eval()
-        split = "test" if inputs.test is not None else "val"
-        _, _, labels, predictions = run_epoch(inputs.test or inputs.val, inputs.forward, runtime.device,
-                                              description=split)
-    finally:
-        inputs.close()
-    metrics = classification_metrics(labels, predictions, splits.classes, split)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        try:
+            train_loss, train_acc, val_loss, val_acc = _train_and_validate(net, frozen, inputs, device, opt,
+                                                                           generator, epoch, epochs, progress)
+        except NonFiniteLossError as error:
+            _stop_on_non_finite(error, best_epoch, opt.param_groups[0]["lr"])
+            break
+        seconds = time.perf_counter() - start + (cache_seconds if epoch == 1 else 0.0)
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                        "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
+        if log_epochs:
+            tqdm.write(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
+                       f"val loss {val_loss:.4f} acc {val_acc:.3f}  {seconds:.1f}s")
+        # Patience counts epochs without a better accuracy (as --patience says); among equal
+        # accuracies the kept state is the one with the lowest validation loss.
+        stale = 0 if best_key is None or val_acc > best_key[0] else stale + 1
+        if best_key is None or (val_acc, -val_loss) > best_key:
+            best_key, best_epoch, best_state = (val_acc, -val_loss), epoch, _trainable_state(net, frozen)
+        if stale >= patience:
+            break
+        scheduler.step(val_loss)
+    net.load_state_dict(best_state, strict=False)
+    return history, best_epoch
 
-    config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
-              "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
-              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-              "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
-              "image_size": net.preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
-              "patience": patience, "cache_features": cache_storage, "seed": seed}
-    net.weights_info = {"source": f"finetuned on {data_dir}", "from": config["weights"], "best_epoch": best_epoch,
-                        "accuracy": metrics["accuracy"]}
+
+def _train_and_validate(net: VGG, frozen: int, inputs: TrainingInputs, device: torch.device,
+                        opt: torch.optim.Optimizer, generator: torch.Generator, epoch: int, epochs: int,
+                        progress: bool) -> tuple[float, float, float, float]:
+    """One training epoch and one validation pass: train loss and accuracy, then validation loss and accuracy.
+
+    Raises ``NonFiniteLossError`` on a non-finite training or validation loss.
+    """
+    set_train_mode(net, frozen)
+    train_loss, train_acc, _, _ = run_epoch(inputs.train, inputs.forward, device, opt,
+                                            generator, progress, f"epoch {epoch}/{epochs} train")
+    net.eval()
+    val_loss, val_acc, _, _ = run_epoch(inputs.val, inputs.forward, device,
+                                        progress=progress, description=f"epoch {epoch}/{epochs} val")
+    if not np.isfinite(val_loss):
+        raise NonFiniteLossError(f"Validation loss is {val_loss} after epoch {epoch}")
+    return train_loss, train_acc, val_loss, val_acc
+
+
+def _evaluate(net: VGG, inputs: TrainingInputs, device: torch.device) -> tuple[str, np.ndarray, np.ndarray]:
+    """The split measured (test if there is one, else val), its labels (N,) and predictions (N,), in eval mode."""
+    net.eval()
+    split = "test" if inputs.test is not None else "val"
+    _, _, labels, predictions = run_epoch(inputs.test or inputs.val, inputs.forward, device, description=split)
+    return split, labels, predictions
+
+
+def _write_outputs(net: VGG, config: dict, history: list[dict], metrics: dict, best_epoch: int,
+                   class_names: list[str], output_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """The checkpoint ``model.pth`` (atomic), then the plots; returns its path and the plots' paths."""
+    net.weights_info = {"source": f"finetuned on {config['data_dir']}", "from": config["weights"],
+                        "best_epoch": best_epoch, "accuracy": metrics["accuracy"]}
     checkpoint = save_checkpoint(net, output_dir / "model.pth", head=net.head_config, finetune=config,
                                  history=history, metrics=metrics)
-    plots = save_plots(history, metrics, splits.classes, output_dir, title=f"{net.name}, {head} head, "
-                                                                           f"strategy {strategy}")
-    return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
-                          cache_storage, cache_seconds)
-
+    plots = save_plots(history, metrics, class_names, output_dir,
+                       title=f"{net.name}, {config['head']} head, strategy {config['strategy']}")
+    return checkpoint, plots
 
 def save_plots(history: list[dict], metrics: dict, class_names: list[str], output_dir: Path,
                title: str) -> dict[str, Path]:
