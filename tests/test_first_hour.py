@@ -287,6 +287,24 @@ def test_toy_run_epoch_lines_do_not_compare_with_the_paper():
 # --------------------------------------------------------------------------- packaging
 
 
+def wheel_building_env() -> dict[str, str]:
+    """This environment, with the newest setuptools on ``sys.path`` first when it can build wheels (70.1 and
+    later hold bdist_wheel): in a venv, the 65.5 that Python 3.11's ensurepip put there shadows the base
+    Python's newer one and cannot build a wheel without the ``wheel`` package."""
+    from importlib import metadata
+
+    found = []
+    for dist in metadata.distributions():
+        if (dist.metadata["Name"] or "").lower() == "setuptools":
+            version = tuple(int(part) for part in dist.version.split(".")[:2] if part.isdigit())
+            found.append((version, str(dist.locate_file(""))))
+    env = dict(os.environ)
+    newest = max(found, default=None)
+    if newest and newest[0] >= (70, 1):
+        env["PYTHONPATH"] = os.pathsep.join([newest[1]] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 @pytest.mark.slow
 def test_non_editable_install_ships_recipes_and_app(tmp_path):
     """pip install . (not editable) into a fresh venv: recipes and the app come with the package."""
@@ -298,14 +316,23 @@ def test_non_editable_install_ships_recipes_and_app(tmp_path):
         shutil.copy2(ROOT / name, source / name)
     for folder in ("vggkit", "recipes", "assets"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    # What pip install . does, in two steps: the wheel is built with this Python's setuptools (a fresh
+    # What pip install . does, in two steps: the wheel is built with a setuptools installed here (a fresh
     # venv's bundled one may lack bdist_wheel, and the tests do not reach the network for another).
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300,
+                           env=wheel_building_env())
     assert build.returncode == 0, build.stderr
     venv = tmp_path / "venv"
+    # A venv's --system-site-packages is the base Python's, not the running one's: when the suite itself
+    # runs in a venv (torch installed there), the new venv would find no torch. A .pth file adds the running
+    # interpreter's site-packages after the new venv's own (plain paths: their .pth files, an editable
+    # vggkit among them, are not run), so a system Python and a venv both work.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
+    inner = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    (Path(inner) / "vggkit-test-running-site.pth").write_text("".join(f"{p}\n" for p in outer))
     install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q",
                               *map(str, (tmp_path / "dist").glob("vggkit-*.whl"))], capture_output=True, text=True,
                              timeout=300)

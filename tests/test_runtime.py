@@ -125,8 +125,9 @@ def test_optimize_leaves_the_model_an_ordinary_trainable_float32_module(precisio
     assert not torch.equal(model.features.conv1_1.weight, before["features.conv1_1.weight"])
     # The copy shares no storage with the model: training the model leaves it as it was.
     assert torch.equal(fast(x), fast_before)
-    with pytest.raises(RuntimeError, match="inference copy; train the original"):
+    with pytest.warns(UserWarning, match="stays in inference mode"):
         fast.train()
+    assert not fast.training
 
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -336,3 +337,99 @@ def test_info_runtime_on_a_gpu_says_what_each_job_uses(monkeypatch):
     assert "evaluation and extraction (long jobs): cuda bf16 channels_last compiled" in jobs
     assert "decode: nvJPEG on the GPU" in jobs
     assert "training (vggkit train): cuda, bf16 autocast on float32 weights, channels_last; torch.compile" in jobs
+
+
+# --------------------------------------------------------------------------- inference mode, source and backends
+
+
+def test_an_optimized_copy_is_in_inference_mode_and_train_never_raises():
+    """Tools that save and restore the mode (torchinfo, FX, exporters) do ``m.train(m.training)``."""
+    import warnings
+
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3).train()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    assert fast.training is False and not any(m.training for m in fast.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # saving and restoring the mode, and eval(), say nothing
+        assert fast.train(fast.training) is fast and fast.eval() is fast
+    with pytest.warns(UserWarning, match="stays in inference mode; train its float32 original"):
+        assert fast.train() is fast
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast.train(True)  # warned once already
+    assert not any(m.training for m in fast.modules())
+    # The original is there, untouched, and outside the copy's module tree: no parameters, .train() or .to().
+    assert fast.source is model and model.training and all(p.requires_grad for p in model.parameters())
+    assert not any(p is q for p in fast.parameters() for q in model.parameters())
+    assert sum(1 for _ in fast.parameters()) == sum(1 for _ in fast.model.parameters())
+    assert not any(key.startswith("_source") for key in fast.state_dict())
+    again = vggkit.optimize(fast, precision="fp32")
+    assert again.source is model  # re-made from the float32 original, not from the copy
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+ORT = pytest.mark.skipif(not __import__("importlib").util.find_spec("onnxruntime"), reason="needs onnxruntime")
+
+
+@ORT
+def test_onnxruntime_backend_matches_the_float32_model():
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=7).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu", backend="onnxruntime")
+    assert fast.runtime.backend == "onnxruntime" and fast.runtime.describe() == "cpu fp32 onnxruntime"
+    for shape in ((1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 64, 48)):  # one session per size, any batch
+        x = torch.randn(shape)
+        out = fast(x)
+        with torch.no_grad():
+            expected = model(x)
+        assert out.dtype == torch.float32 and out.device == x.device and out.shape == (shape[0], 7)
+        assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert fast.model.exporter in ("dynamo", "torchscript") and list(fast.model._sessions) == [
+        (3, 32, 32), (3, 64, 48)]
+
+    layers = ["conv2_1", "pool3"]
+    features = vggkit.optimize(vggkit.backbone("vgg11", layers=layers, width=1 / 16), precision="fp32",
+                               device="cpu", backend="onnxruntime")
+    x = torch.randn(2, 3, 40, 56)
+    maps = features(x)
+    with torch.no_grad():
+        expected = features.source(x)
+    assert list(maps) == layers
+    for layer in layers:
+        torch.testing.assert_close(maps[layer], expected[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_onnxruntime_backend_refuses_what_it_cannot_run(monkeypatch):
+    from vggkit.runtime import onnx as ort_backend
+
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3)
+    with pytest.raises(ValueError, match=r"Unknown backend 'ort'; choose from \('auto', 'torch', 'onnxruntime'\)"):
+        vggkit.optimize(model, backend="ort")
+    with pytest.raises(ValueError, match="backend='onnxruntime' runs float32 on the CPU.*pass precision='fp32'"):
+        vggkit.optimize(model, precision="bf16", device="cpu", backend="onnxruntime")
+    monkeypatch.setattr(ort_backend, "onnxruntime_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs onnxruntime, which is not installed; pip install"):
+        vggkit.optimize(model, precision="fp32", device="cpu", backend="onnxruntime")
+
+
+def test_auto_backend_is_onnxruntime_for_float32_cpu_inference_only(cpu, monkeypatch):
+    from vggkit.runtime import onnx as ort_backend
+
+    monkeypatch.setattr(ort_backend, "onnxruntime_available", lambda: True)
+    cpu(AVX2_ONLY)  # this machine's kind: float32 is the CPU default, and onnxruntime ran it fastest
+    chosen = rt.choose_backend("auto", rt.choose_runtime("auto"))
+    assert (chosen.backend, chosen.dtype, chosen.channels_last) == ("onnxruntime", torch.float32, False)
+    assert rt.choose_backend("auto", rt.choose_runtime("auto", compile=True)).backend == "torch"
+    assert rt.choose_backend("torch", rt.choose_runtime("auto")).backend == "torch"
+    cpu(AVX2_ONLY | {"amx_bf16"})  # a fast-bf16 CPU: torch's fused bf16 copy
+    assert rt.choose_backend("auto", rt.choose_runtime("auto")).backend == "torch"
+    assert rt.choose_backend("auto", rt.choose_runtime("fp32")).backend == "onnxruntime"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert rt.choose_backend("auto", rt.choose_runtime("auto")).backend == "torch"  # a GPU
+    monkeypatch.setattr(ort_backend, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu(AVX2_ONLY)
+    chosen = rt.choose_backend("auto", rt.choose_runtime("auto"))
+    assert chosen.backend == "torch" and "onnxruntime is not installed" in chosen.reason

@@ -19,7 +19,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "create_model": "weights.factory", "load": "weights.factory", "backbone": "weights.factory",
     "save_checkpoint": "weights.factory", "export_state_dict": "weights.layouts",
     "WeightsError": "weights.checkpoint", "WeightsUnavailableError": "weights.releases",
-    "optimize": "runtime.engine", "init_from": "training.loop", "train": "training.loop",
+    "optimize": "runtime.engine", "export": "deploy.export", "init_from": "training.loop", "train": "training.loop",
     "FinetuneResult": "finetuning.finetune", "finetune": "finetuning.finetune",
     "evaluate": "evaluation.evaluate", "predict": "evaluation.predict", "class_heatmap": "evaluation.protocols",
     "class_score_maps": "evaluation.protocols", "dense_predict": "evaluation.protocols",

@@ -1,4 +1,4 @@
-"""The ``vggkit`` command: ``info | train | evaluate | finetune | extract | predict | bench | app``.
+"""The ``vggkit`` command: ``info | train | evaluate | finetune | extract | predict | bench | export | app``.
 
 Wiring only: each subcommand parses its arguments and calls the library. The library
 (and PyTorch) is imported inside the handlers, so ``--help`` and ``--version`` answer at once.
@@ -8,9 +8,14 @@ in the command line's spelling (``--width inf``, not ``width=inf``).
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import gc
+import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from .utils.checks import (
     check_width,
 )
 from .utils.choices import DECODERS, PRECISIONS, PROTOCOLS
+from .utils.lock import OutputBusyError
 
 DESCRIPTION = ("vggkit: the VGG networks of Simonyan & Zisserman. Run 'vggkit COMMAND --help' for a command's "
                "options and an example.")
@@ -72,7 +78,123 @@ def cli_voice(message: str) -> str:
 def _error_text(error: Exception) -> str:
     if isinstance(error, ArgumentError) and "." not in error.argument:  # recipe keys keep their --set spelling
         return f"{flag_of(error.argument)} {error.value}: {error.requirement}."
+    if isinstance(error, OutputBusyError):  # the holder's command line is quoted as it was typed
+        return str(error)
     return cli_voice(str(error))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same unwinding (temp files removed,
+    the output's lock released, DataLoader workers ended) and the same one line, exit 143 instead of 130."""
+
+
+class _Interrupts:
+    """What main() installs while a command runs and puts back after it: SIGINT and SIGTERM raise
+    KeyboardInterrupt and Terminated, and what an interrupt sets off is not an error of its own."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.saved: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers live in the main thread only
+        # SIGINT is taken over only from Python's default: an ignored one (a shell's background job) stays so.
+        numbers = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self.saved = {number: signal.signal(number, self.on_signal) for number in numbers}
+        self.saved["unraisable"], sys.unraisablehook = sys.unraisablehook, self.on_unraisable
+        self.saved["thread"], threading.excepthook = threading.excepthook, self.on_thread_error
+        self.saved["sys"], sys.excepthook = sys.excepthook, self.on_error  # multiprocessing's threads call it
+
+    def silence(self) -> None:
+        """The command has ended: a second Ctrl-C now would only cut its last line short."""
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if number in self.saved:
+                signal.signal(number, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        if self.received is not None:
+            gc.collect()  # what the interrupt left in reference cycles (DataLoader iterators) ends while hooked
+        for key, value in self.saved.items():
+            if key == "unraisable":
+                sys.unraisablehook = value
+            elif key == "thread":
+                threading.excepthook = value
+            elif key == "sys":
+                sys.excepthook = value
+            else:
+                signal.signal(key, signal.SIG_DFL if value is None else value)
+        self.saved = {}
+
+    def on_signal(self, signum: int, frame) -> None:
+        """Stop the command. DataLoader workers the same signal ended (a Ctrl-C or a scheduler's SIGTERM
+        reaches the whole process group) are no error: torch's SIGCHLD handler, which would raise one from
+        wherever the unwinding is (a worker's join in ``__del__``: a traceback), does nothing until restore."""
+        self.received = signum
+        if callable(signal.getsignal(signal.SIGCHLD)) and signal.SIGCHLD not in self.saved:
+            self.saved[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda number, frame: None)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def on_unraisable(self, unraisable) -> None:
+        """An interrupt raised where Python cannot pass it on is raised again a moment later in the main
+        thread's own code, not printed ("Exception ignored in ...") and lost: a Ctrl-C that arrives while a
+        DataLoader forks its workers is handled in logging's after-fork hook, which swallows it. Other errors
+        there after an interrupt are its echo and not shown (the ``__del__`` of a DataLoader iterator the
+        interrupt cut short in its ``__init__``: AttributeError)."""
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return None if self.received is not None else self.saved["unraisable"](unraisable)
+        number = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+
+        def again() -> None:
+            if signal.getsignal(number) == self.on_signal:  # the command still runs
+                if hasattr(signal, "pthread_kill"):  # a real signal to the main thread: it ends a blocking wait
+                    signal.pthread_kill(threading.main_thread().ident, number)
+                else:
+                    _thread.interrupt_main(number)
+
+        threading.Timer(0.05, again).start()  # by then the hook (microseconds) has returned
+
+    def echo(self, error: BaseException, tb) -> bool:
+        """Whether ``error`` was set off by an interrupt, and so is not shown: any after a signal, and in a
+        DataLoader worker (forked with these hooks) its resource sharer's lost connection, when the
+        interrupted main process dropped a batch half-received (BrokenPipeError, ConnectionResetError)."""
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        sharer = os.path.join("multiprocessing", "resource_sharer.py")
+        return self.received is not None or (isinstance(error, (ConnectionError, EOFError))
+                                             and any(frame.endswith(sharer) for frame in frames))
+
+    def on_thread_error(self, args) -> None:
+        if not self.echo(args.exc_value, args.exc_traceback):
+            self.saved["thread"](args)
+
+    def on_error(self, kind, error, tb) -> None:
+        if not self.echo(error, tb):
+            self.saved["sys"](kind, error, tb)
+
+
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> int:
+    """One line for an interrupted command: what the library said it left (train, finetune), else what is true
+    of the command's files, on a line of its own: open progress bars are closed first, and where bars were
+    drawn the line starts with a carriage return (one cut mid-close leaves its text on the line)."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm_std, "tqdm", None), "_instances", ())):
+        bar.close()
+    drawn = tqdm_std is not None and not getattr(args, "no_progress", False)
+    start = ("\r\033[K" if sys.stderr.isatty() else "\r") if drawn else ""
+    if interrupt.args:
+        line = str(interrupt)
+    elif args.command == "evaluate" and args.csv and Path(args.csv + ".partial").is_file():
+        # evaluate's PredictionsCsv writes the rows there and renames the file when the pass completes.
+        line = f"interrupted; the predictions so far are kept in {args.csv}.partial"
+    elif args.command == "extract":
+        line = f"interrupted; partial features not kept ({args.output} not written)"
+    else:
+        line = "interrupted; nothing written"
+    print(f"{start}vggkit {args.command}: {line}", file=sys.stderr)
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
 # Options several commands share, spelled once so that their help and choices cannot drift apart.
@@ -210,6 +332,8 @@ def _train(args: argparse.Namespace) -> int:
                        stop_after_steps=args.stop_after_steps or 0, progress=not args.no_progress)
     finally:
         cleanup_distributed()
+    if result.save_error:  # a full disk stopped the run; its warning said where the checkpoint went
+        return 2
     state = "finished" if result.completed else "stopped; continue with --resume"
     print(f"vggkit train: {state}. Checkpoint {result.checkpoint}" + (f", best {result.best}" if result.best else ""))
     return 0
@@ -351,6 +475,8 @@ def _finetune(args: argparse.Namespace) -> int:
     recalls = ", ".join(f"{display_name(name)} {value:.3f}" for name, value in metrics["recall"].items())
     print(f"{metrics['split']} accuracy {metrics['accuracy']:.4f} (best epoch {result.best_epoch}); "
           f"recall per class: {recalls}")
+    if result.save_error:  # no room for model.pth; its warning said where the weights went instead
+        return 2
     print(f"checkpoint: {result.checkpoint}")
     print("plots: " + ", ".join(str(p) for p in result.plots.values()))
     return 0
@@ -392,18 +518,16 @@ def _add_extract(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .features.extract import extract_features, summarise_names
-    from .utils.paths import writable_file
+    from .features.extract import extract_to_file, summarise_names
 
-    writable_file(args.output, example="features.npz")
     images = args.images[0] if len(args.images) == 1 else args.images
-    features = extract_features(args.model, images, layer=args.layer, scales=args.scales, flip=args.flip,
-                                reduce=None if args.reduce == "none" else args.reduce,
-                                pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
-                                width=args.width, batch_size=args.batch_size, precision=args.precision,
-                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
-                                decode=args.decode)
-    path = features.save(args.output)
+    features = extract_to_file(args.output, args.model, images, layer=args.layer, scales=args.scales,
+                               flip=args.flip, reduce=None if args.reduce == "none" else args.reduce,
+                               pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
+                               width=args.width, batch_size=args.batch_size, precision=args.precision,
+                               device=args.device, num_workers=args.workers, progress=not args.no_progress,
+                               decode=args.decode)
+    path = Path(args.output)
     print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
           + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
     return 0
@@ -473,6 +597,58 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit export``."""
+    export = subparsers.add_parser(
+        "export", help="write a model as ONNX (.onnx) or a torch.export program (.pt2), checked against PyTorch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export the classifier (float32 [batch, 3, 224, 224] -> logits), its dense form (--dense: "
+                    "[batch, 3, H, W] -> class score maps) or a backbone (--layers: one output per layer, named "
+                    "by it). The batch is always free; --dynamic frees H and W too (--dense, --layers). "
+                    "--with-preprocess puts the weights' normalisation into the graph: it then takes one uint8 "
+                    "RGB image [H, W, 3] (the 224x224 crop for the classifier). The file is checked in the same "
+                    "run (onnxruntime, or the loaded .pt2) against PyTorch on a photograph through the model's "
+                    "own preprocessing, and the largest difference is printed; nothing is written if it fails.",
+        epilog="examples:\n"
+               "  vggkit export vgg16 --weights imagenet -o vgg16.onnx\n"
+               "  vggkit export vgg16 --weights imagenet --dense --dynamic --with-preprocess -o vgg16_dense.onnx\n"
+               "  vggkit export vgg16 --weights imagenet --layers conv3_3 conv4_3 conv5_3 --dynamic -o fe.pt2\n"
+               "  vggkit export vggkit_runs/photos-vgg16/model.pth -o classifier.onnx")
+    export.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
+                        help="model name (vgg16, D, vgg19_bn, ...) or a vggkit checkpoint file")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
+                        help="the file to write; its suffix picks the format")
+    export.add_argument("--weights", help="for a model name: imagenet, caffe, timm, a weight file, or none; "
+                                          "left out: random weights (with a warning)")
+    export.add_argument("--dense", action="store_true", help="the fully-convolutional form: class score maps")
+    export.add_argument("--layers", nargs="+", metavar="L", help="a backbone of these layers, e.g. conv3_3 conv4_3")
+    export.add_argument("--dynamic", action="store_true", help="free H and W (with --dense or --layers)")
+    export.add_argument("--with-preprocess", action="store_true",
+                        help="the graph takes a uint8 RGB image [H, W, 3] and normalises it as the weights expect")
+    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset, 17 or more (default 18)")
+    export.add_argument("--image", help="photograph to check the export on (default: the bundled chelsea.jpg)")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .deploy.export import check_format, export
+
+    # Refused in the command line's words before the model is built.
+    check_format(args.output)
+    if args.dense and args.layers:
+        raise ValueError("Choose --dense (class score maps) or --layers (a backbone), not both.")
+    if args.dynamic and not (args.dense or args.layers):
+        raise ValueError("--dynamic frees H and W, which the classifier does not take (fc6 reads the 7x7 pool5 of "
+                         "its 224 crop); add --dense for score maps at any size, or --layers.")
+    if args.opset < 17:
+        raise ValueError(f"--opset {args.opset}: ONNX export needs opset 17 or more (default 18).")
+    weights = None if args.weights is None or args.weights.lower() == "none" else args.weights
+    report = export(args.model, args.output, dense=args.dense, layers=args.layers, dynamic=args.dynamic,
+                    with_preprocess=args.with_preprocess, opset=args.opset, weights=weights, image=args.image)
+    print(report.summary())
+    return 0
+
+
 def _add_app(subparsers: argparse._SubParsersAction) -> None:
     """``vggkit app``: no help of its own, so that ``vggkit app --help`` reaches the app's."""
     app = subparsers.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
@@ -498,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (_add_info, _add_train, _add_evaluate, _add_finetune, _add_extract, _add_predict, _add_bench,
-                        _add_app):
+                        _add_export, _add_app):
         add_command(subparsers)
     return parser
 
@@ -515,13 +691,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vggkit {args.command}: warning: {cli_voice(str(message))}", file=sys.stderr if file is None else file)
 
     warnings.showwarning = one_line
+    interrupts = _Interrupts()
+    interrupts.install()
     try:
         return args.handler(args)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as Terminated (_Interrupts.on_signal)
+        interrupts.silence()
+        return _interrupted(args, interrupt)
     except (ValueError, OSError, RuntimeError) as error:  # OSError: FileNotFoundError, PermissionError, ...
         print(f"vggkit {args.command}: error: {_error_text(error)}", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = show_warning
+        interrupts.restore()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,9 @@ from ..evaluation.protocols import (
     CROP,  # the receptive-field and feature-map views work on the paper's 224 px crop
     check_scales,
     dense_probabilities_from_maps,
-    dense_score_maps,
     heatmap_from_maps,
+    inference_networks,
+    rescaled_view,
 )
 from ..models.backbone import VGGBackbone
 from ..models.configs import (
@@ -50,7 +52,7 @@ from ..models.receptive_field import (
     effective_receptive_field,
     receptive_field,
 )
-from ..models.stacks import measure_designs, stack_cost_rows
+from ..models.stacks import compared_designs, measure_designs, stack_cost_rows
 from ..models.vgg import POOL5_GRID, VGG, count_parameters
 from ..runtime.engine import optimize
 from ..utils.choices import RELEASES
@@ -67,20 +69,53 @@ from .plots import (
 )
 
 DISPLAY_SCALE = 2  # the clickable picture is drawn at twice the crop's size
-
-
+PICTURE_SIDE = DISPLAY_SCALE * CROP  # clicks on the picture are positions from 0 to this
 MAX_SHORT_SIDE = 1024  # larger photographs are scaled down on opening: twice the largest test scale Q
-
-
 MAX_RESCALED_PIXELS = APP_DENSE_MAX_PIXELS  # the dense views' budget, on the image after rescaling to Q
-
-
 TIME_BUDGET_S = 120.0  # a view still computing after this long answers with a message instead of going on
-
-
 ERF_MASS = 0.9  # the effective receptive field is reported as the square holding this share of |gradient|
+# The views' settings, checked by the views themselves (a notebook has no sliders) and the app's slider ranges.
+STACK_CHANNELS = (1, 512)
+STACK_DEPTH = (1, 5)
+STACK_SIZE = (8, 112)
+CHANNELS_SHOWN = (1, 32)
+# The forward timings of the 3x3-versus-7x7 measurement get this share of TIME_BUDGET_S, estimated before they
+# run: at the sliders' maxima (512 channels, 11x11 against five 3x3 at 112 px) six runs of each took 150 s
+# on a 2-core CPU (470 s on a busy one), so costlier settings are timed on a smaller input (said in the table).
+STACK_TIMING_BUDGET_S = 10.0
+STACK_PROBE_SIZE = 16  # the input the timing estimate is measured on: 1/49 of the largest size's work
+SCORE_MAP_CACHE_BYTES = 64 * 1024 ** 2  # computed class score maps kept, by size: ~15 of 1 MP images at Q = 512
 
 
+def whole_number(value: object, what: str, bounds: tuple[int, int]) -> int:
+    """``value`` as an int when it is a whole number within ``bounds`` (ints, integral floats); else a
+    ``ValueError`` naming ``what`` and the range."""
+    low, high = bounds
+    number = None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        if isinstance(value, (int, np.integer)) or (math.isfinite(value) and float(value).is_integer()):
+            number = int(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{what} must be a whole number from {low} to {high}, not {value!r}.")
+    return number
+
+
+def finite_position(click: object) -> tuple[float, float]:
+    """A click (x, y) as two finite floats; a ``ValueError`` otherwise (NaN would pick no unit)."""
+    try:
+        x, y = (float(v) for v in click)
+    except (TypeError, ValueError, OverflowError):
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y)) or isinstance(click, (str, bytes)):
+        raise ValueError(f"A click must be a position (x, y) of two finite numbers on the picture, not {click!r}.")
+    return x, y
+
+
+def config_name(config: object) -> str:
+    """The model name of a configuration letter or model name; a ``ValueError`` listing the letters otherwise."""
+    if not isinstance(config, str) or len(config) > 40:  # nothing longer is a name; spare difflib a megabyte
+        raise ValueError(f"The configuration must be one of {', '.join(PAPER_CONFIGS)}, not {config!r}.")
+    return resolve(config).name
 
 
 def open_image(source: str | os.PathLike | Image.Image | np.ndarray | None) -> Image.Image:
@@ -128,6 +163,12 @@ class ImageKey:
     @classmethod
     def open(cls, source) -> "ImageKey":
         return cls(open_image(source))
+
+    @classmethod
+    def crop(cls, source) -> "ImageKey":
+        """The key of the image's 224 px centre crop: all the crop views use, and all their caches keep (150 kB,
+        where a kept photograph could weigh 100 MB)."""
+        return cls(square_crop(open_image(source)))
 
     def __hash__(self) -> int:
         return hash(self.digest)
@@ -182,6 +223,42 @@ class Deadline:
         if time.monotonic() >= self.end:
             raise TimeoutError(f"{self.what} took longer than its budget of {self.seconds:g} s and was stopped; "
                                f"pick fewer or smaller test scales, or a smaller image.")
+
+    def expect(self, seconds: float) -> None:
+        """A ``TimeoutError`` before work estimated to take ``seconds`` would run past the budget."""
+        if time.monotonic() + seconds > self.end:
+            raise TimeoutError(f"{self.what} would take about {seconds:.0f} s more on this machine, past the budget "
+                               f"of {self.seconds:g} s, so they were not computed; pick fewer or smaller test "
+                               f"scales, or a smaller image.")
+
+
+class ByteBoundedCache:
+    """A thread-safe least-recently-used mapping to tensors that together hold at most ``max_bytes``.
+
+    Bounded by size, not count: one 1 MP image's class score maps weigh 4.4 MB, a photograph's 0.6 MB.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[object, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key) -> torch.Tensor | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if key in self._items or size > self.max_bytes:
+                return
+            self._items[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= dropped.numel() * dropped.element_size()
 
 
 def draw_unit(picture: Image.Image, box: tuple[int, int, int, int], scale: int = DISPLAY_SCALE) -> Image.Image:
@@ -252,14 +329,64 @@ def receptive_field_growth() -> Figure:
     return plot_receptive_field_growth(("A", "B", "C", "D", "E"))
 
 
+def stack_settings(channels: object, depth: object, size: object) -> tuple[int, int, int]:
+    """The 3x3-versus-7x7 settings as ints within the sliders' ranges; a ``ValueError`` naming the slider otherwise."""
+    return (whole_number(channels, "Channels C", STACK_CHANNELS), whole_number(depth, "Stack depth n", STACK_DEPTH),
+            whole_number(size, "Input size", STACK_SIZE))
+
+
 def stack_comparison(channels: int, depth: int, size: int) -> tuple[pd.DataFrame, Figure]:
     """The paper's comparison for C channels and n stacked 3x3 convs: analytic table and receptive-field drawing."""
+    channels, depth, size = stack_settings(channels, depth, size)
     return pd.DataFrame(stack_cost_rows(channels, depth, size)), plot_stack_receptive_fields(depth)
 
 
+def seconds_per_multiply_add(channels: int, depth: int) -> float:
+    """This machine's time per multiply-add for the costlier design, from one first (so slowest) run on a
+    ``STACK_PROBE_SIZE`` input: an overestimate for both designs, as a time budget wants."""
+    costly = max(compared_designs(channels, depth), key=lambda design: design.weights)
+    module = optimize(costly.module(), backend="torch")
+    x = torch.randn(1, channels, STACK_PROBE_SIZE, STACK_PROBE_SIZE)
+    start = time.perf_counter()
+    module(x)
+    return (time.perf_counter() - start) / costly.multiply_adds(STACK_PROBE_SIZE)
+
+
+def stack_timing_plan(channels: int, depth: int, size: int, budget_s: float = STACK_TIMING_BUDGET_S,
+                      rate: float | None = None) -> tuple[int, int]:
+    """(input size, timed repeats) for ``measure_designs`` whose warm-up and timed runs fit ``budget_s``.
+
+    The requested size with up to 5 repeats when one warm-up and one timed run fit; else the largest
+    smaller size (a multiple of 8) where they do. ``rate``: seconds per multiply-add (default: measured).
+    """
+    rate = seconds_per_multiply_add(channels, depth) if rate is None else rate
+
+    def seconds(side: int) -> float:  # one forward of each design
+        return rate * sum(design.multiply_adds(side) for design in compared_designs(channels, depth))
+
+    runs = int(budget_s // max(seconds(size), 1e-9))  # warm-up included
+    if runs >= 2:
+        return size, min(runs - 1, 5)
+    side = size - size % 8
+    while side > STACK_SIZE[0] and 2 * seconds(side) > budget_s:
+        side -= 8
+    return side, 1
+
+
 def stack_measurement(channels: int, depth: int, size: int) -> pd.DataFrame:
-    """Both designs as PyTorch modules on this machine: counted parameters, measured receptive field, time."""
-    return pd.DataFrame(measure_designs(channels, depth, size))
+    """Both designs as PyTorch modules on this machine: counted parameters, measured receptive field, time.
+
+    The timings stay within ``STACK_TIMING_BUDGET_S``: settings too costly to time at ``size`` are timed
+    on the largest input that fits, and the column says so.
+    """
+    channels, depth, size = stack_settings(channels, depth, size)
+    timed_size, repeats = stack_timing_plan(channels, depth, size)
+    table = pd.DataFrame(measure_designs(channels, depth, timed_size, repeats))
+    if timed_size != size:
+        column = f"forward at {timed_size}x{timed_size} (ms)"
+        table = table.rename(columns={column: f"{column[:-1]}; {size} px would take over "
+                                               f"{STACK_TIMING_BUDGET_S:g} s to time)"})
+    return table
 
 
 def _grouped(convs: list[str]) -> list[str]:
@@ -402,9 +529,11 @@ class DemoModel:
         self._receptive_field_view = functools.lru_cache(cache_size)(self._compute_receptive_field_view)
         self._activations = functools.lru_cache(2)(self._compute_activations)
         self._feature_maps_view = functools.lru_cache(cache_size)(self._compute_feature_maps_view)
-        # One dense pass per (image, Q) gives both the top 5 and every class's heatmap, for any set of scales.
-        self._score_map = functools.lru_cache(4 * cache_size)(self._compute_score_map)
+        # One dense pass per (image, Q) gives both the top 5 and every class's heatmap, for any set of scales;
+        # kept by pixel digest, not by image, so no photograph is held after its request.
+        self._score_maps = ByteBoundedCache(SCORE_MAP_CACHE_BYTES)
         self.time_budget = TIME_BUDGET_S
+        self._seconds_per_pixel: float | None = None  # of a dense pass on this machine, learned from each pass
         self._network = functools.lru_cache(1)(self._random_network)
 
     @property
@@ -492,16 +621,21 @@ class DemoModel:
 
     def receptive_field_view(self, image, config: str, layer: str,
                              click: tuple[float, float] | None = None) -> ReceptiveFieldView:
-        """The unit of ``config``'s ``layer`` under ``click`` (x, y on the displayed picture; None: the centre)."""
-        unit = self.unit_for_click(config, layer, *click) if click is not None else None
-        return self._receptive_field_view(ImageKey.open(image), resolve(config).name, layer, unit)
+        """The unit of ``config``'s ``layer`` under ``click`` (x, y on the displayed picture; None: the centre).
+
+        The settings are checked before the image is opened.
+        """
+        name = config_name(config)
+        layer_receptive_field(name, layer)
+        unit = self.unit_for_click(name, layer, *finite_position(click)) if click is not None else None
+        return self._receptive_field_view(ImageKey.crop(image), name, layer, unit)
 
     def _compute_receptive_field_view(self, key: ImageKey, name: str, layer: str,
                                       unit: tuple[int, int] | None) -> ReceptiveFieldView:
         rf = layer_receptive_field(name, layer)
         side = map_side(rf, CROP)
         row, col = unit if unit is not None else (side // 2, side // 2)
-        picture = square_crop(key.image)
+        picture = key.image  # the crop
         box = rf.box(row, col)
         network = self.network(name)
         heat = effective_receptive_field(VGGBackbone(network, [layer]), self.network_input(picture),
@@ -527,14 +661,15 @@ class DemoModel:
         """Every spatial layer's activations on the 224 px crop: (C, h, w) float16 arrays."""
         with self._lock:
             if self._fast_features is None:
-                self._fast_features = optimize(VGGBackbone(self.model, self.layers))
-        maps = self._fast_features(self.network_input(square_crop(key.image)))
+                self._fast_features = optimize(VGGBackbone(self.model, self.layers), backend="torch")
+        maps = self._fast_features(self.network_input(key.image))  # key.image is the crop
         return {layer: value[0].cpu().numpy().astype(np.float16) for layer, value in maps.items()}
 
     def feature_maps_view(self, image, layer: str, count: int = 16) -> FeatureMapsView:
         """The ``count`` channels of ``layer`` with the largest mean activation on the image's centre crop."""
         layer_receptive_field(self.name, layer)  # a clear error for a wrong name, before any work
-        return self._feature_maps_view(ImageKey.open(image), layer, count)
+        count = whole_number(count, "Channels shown", CHANNELS_SHOWN)
+        return self._feature_maps_view(ImageKey.crop(image), layer, count)
 
     def _compute_feature_maps_view(self, key: ImageKey, layer: str, count: int) -> FeatureMapsView:
         rf = layer_receptive_field(self.name, layer)
@@ -560,28 +695,50 @@ class DemoModel:
         """The inference copy under vggkit's runtime, made on first use."""
         with self._lock:  # callbacks run in several threads: make one copy, not one per thread
             if self._fast_model is None:
-                self._fast_model = optimize(self.model)
+                self._fast_model = optimize(self.model, backend="torch")
         return self._fast_model
 
-    def _compute_score_map(self, key: ImageKey, scale: int) -> torch.Tensor:
-        return dense_score_maps(self.fast_model(), key.image, scales=scale, flip=True)[0]
+    def _compute_score_map(self, image: Image.Image, scale: int) -> torch.Tensor:
+        """fc8 maps (2, classes, h, w) of ``image`` at Q = ``scale`` and of its mirror image, flipped back.
+
+        The two run one after the other, not as one batch (as ``dense_score_maps`` does): that halves the
+        activations a pass holds (a full-width vgg16 at 1 MP: 0.7 GB, not 1.1 GB) for 15% more time.
+        """
+        with inference_networks(self.fast_model()) as nets:
+            x = nets.normalize(rescaled_view(image, scale)[None])
+            return torch.cat([nets.score_maps(x), nets.score_maps(x.flip(-1)).flip(-1)])
+
+    def _score_maps_at(self, key: ImageKey, scales: tuple[int, ...], deadline: Deadline) -> list[torch.Tensor]:
+        """Each Q's maps, cached or computed, smallest Q first: the pass time learned on one predicts the rest,
+        and what cannot finish within ``deadline`` is refused before it starts."""
+        maps = {scale: self._score_maps.get((key.digest, scale)) for scale in scales}
+        todo = [scale for scale in scales if maps[scale] is None]
+        pixels = {scale: math.prod(rescaled_wh(*key.image.size, scale)) for scale in todo}
+        for i, scale in enumerate(todo):
+            deadline.check()
+            if self._seconds_per_pixel is not None:
+                deadline.expect(self._seconds_per_pixel * sum(pixels[q] for q in todo[i:]))
+            start = time.monotonic()
+            maps[scale] = self._compute_score_map(key.image, scale)
+            self._seconds_per_pixel = (time.monotonic() - start) / pixels[scale]
+            self._score_maps.put((key.digest, scale), maps[scale])
+        return [maps[scale] for scale in scales]
 
     def score_maps_view(self, image, scales, class_index: int | str | None = None) -> ScoreMapsView:
         """Dense evaluation over ``scales`` and flips: the top 5, and one class's map (default: the top class).
 
         ``class_index`` is an index or a class name (see ``parse_class``). An image whose rescale to the
-        largest Q exceeds ``MAX_RESCALED_PIXELS`` is refused before any pass; a view still computing after
-        ``time_budget`` seconds stops between scales with a ``TimeoutError``.
+        largest Q exceeds ``MAX_RESCALED_PIXELS`` is refused before any pass; passes that the speed of the
+        last one says would end past ``time_budget`` seconds are refused before they start, and a view
+        still computing then stops between scales (both a ``TimeoutError``).
         """
-        scales = tuple(sorted(set(check_scales([int(q) for q in scales] if not isinstance(scales, int) else scales))))
+        scales = chosen_scales(scales)
         class_index = self.parse_class(class_index)
         key = ImageKey.open(image)
         check_rescaled_size(key.image.size, scales)
         deadline = Deadline(self.time_budget, "The class score maps")
-        maps = []
-        for scale in scales:
-            deadline.check()
-            maps.append(self._score_map(key, scale))
+        deadline.check()
+        maps = self._score_maps_at(key, scales, deadline)
         probabilities = dense_probabilities_from_maps(maps)
         top = probabilities.topk(min(TOP_K, len(probabilities)))
         top5 = pd.DataFrame([{"rank": rank, "class": self.class_names[i], "index": int(i), "probability": round(float(p), 4)}
@@ -595,9 +752,21 @@ class DemoModel:
         return ScoreMapsView(top5, overlay, score_map_sizes(key.image.size, scales), class_index)
 
 
+def chosen_scales(scales: object) -> tuple[int, ...]:
+    """Test scales Q from ints or digit strings (as the app's checkboxes send them): sorted, each once;
+    a ``ValueError`` saying what a scale must be otherwise."""
+    if isinstance(scales, (int, str, np.integer)):
+        scales = [scales]
+    try:
+        values = [int(q) if isinstance(q, str) and q.strip().isdigit() else q for q in scales]
+    except TypeError:
+        raise ValueError(f"Test scales must be a list of integers >= {CROP}, e.g. [256, 384], not {scales!r}.") from None
+    return tuple(sorted(set(check_scales(values))))
+
+
 def layer_receptive_field(name: str, layer: str) -> ReceptiveField:
     """A spatial layer's ``ReceptiveField``; a ``ValueError`` listing the valid names otherwise."""
-    if layer not in spatial_layers(name):
+    if not isinstance(layer, str) or layer not in spatial_layers(name):
         raise ValueError(f"Layer {layer!r} has no spatial map in {resolve(name).name}; "
                          f"choose one of {', '.join(spatial_layers(name))}.")
     return receptive_field(name)[layer]

@@ -1,5 +1,6 @@
 """The demo's figures: receptive-field growth, stacked 3x3 fields, heat-map overlays, feature-map grids
-and the conv/FC parameter split. Each returns a matplotlib Figure (and saves it when given a path).
+and the conv/FC parameter split. Each returns a matplotlib Figure and, given a path, saves it through
+``vggkit.utils.plots.save_figure`` (atomically: the whole PNG under its name, or none).
 """
 
 from __future__ import annotations

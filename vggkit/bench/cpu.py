@@ -89,7 +89,7 @@ def classification(vgg, reference, timm_vgg, settings: Settings, log) -> list[Ro
 
     flop = gflops(lambda: VGG(MODEL), (1, 3, 224, 224))
     x = torch.randn(settings.batch, 3, 224, 224)
-    fast = optimize(vgg)
+    fast = optimize(vgg, backend="torch")
     with torch.no_grad():
         logits_note = agreement([fast(x)], [reference(x)], fast.runtime.precision)
     log(f"(a) classification forward, batch {settings.batch}")
@@ -114,7 +114,7 @@ def _slow_classification_rows(vgg, task: str, flop: float, settings: Settings, l
     if choose_runtime("auto").precision != "bf16":
         # Not the default here, so likely without a hardware path: one small timed batch shows its cost.
         log("(a) bf16 forced on a machine whose default is not bf16 (batch 2)")
-        bf16 = optimize(vgg, precision="bf16")
+        bf16 = optimize(vgg, precision="bf16", backend="torch")
         x = torch.randn(2, 3, 224, 224)
         seconds = race({"bf16": lambda: bf16(x)}, 1)["bf16"]
         note = "" if cpu_has_fast_bf16() else "no AMX/AVX-512-bf16 on this CPU: no native bf16 kernels"
@@ -122,7 +122,7 @@ def _slow_classification_rows(vgg, task: str, flop: float, settings: Settings, l
                         "bf16", 2, note=note))
         del bf16
     log("(a) torch.compile of the default path (compiling)")
-    compiled = optimize(vgg, compile=True)
+    compiled = optimize(vgg, compile=True, backend="torch")
     x = torch.randn(settings.batch, 3, 224, 224)
     start = time.perf_counter()
     compiled(x)
@@ -134,6 +134,48 @@ def _slow_classification_rows(vgg, task: str, flop: float, settings: Settings, l
     return rows
 
 
+def cpu_backends(vgg, reference, settings: Settings, log) -> list[Row]:
+    """(k) float32 CPU inference of vgg16 at 224 px: torchvision eager (the reference), ``torch.compile`` of
+    it, vggkit's fused oneDNN copy and onnxruntime (``optimize(backend="onnxruntime")``), on one batch.
+
+    The rows that ``optimize(backend="auto")`` decides between. First-call costs (compiling, exporting
+    and opening the session) are in the notes, not in the timings.
+    """
+    from ..models.vgg import VGG
+    from ..runtime.engine import optimize
+    from ..runtime.onnx import INSTALL, onnxruntime_available
+
+    flop = gflops(lambda: VGG(MODEL), (1, 3, 224, 224))
+    x = torch.randn(settings.batch, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(x)
+    fused = optimize(vgg, precision="fp32", backend="torch")
+    competitors = {"torchvision": _no_grad(reference, x), "fused": lambda: fused(x)}
+    notes = {"fused": f"logits {agreement([fused(x)], [expected], 'fp32')}"}
+    for name, make in (("compile", lambda: torch.compile(reference)),
+                       ("onnxruntime", lambda: optimize(vgg, precision="fp32", backend="onnxruntime"))):
+        if name == "onnxruntime" and not onnxruntime_available():
+            notes[name] = f"not measured: {INSTALL}"
+            continue
+        log(f"(k) {name}: first call (compile or export) at batch {settings.batch}")
+        run = make()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = run(x)
+        notes[name] = f"first call {time.perf_counter() - start:.0f} s; logits {agreement([out], [expected], 'fp32')}"
+        competitors[name] = _no_grad(run, x)
+    log(f"(k) CPU inference backends, batch {settings.batch}")
+    best = race(competitors, settings.rounds)
+    task = f"(k) {MODEL} float32 CPU inference backends"
+    n = settings.batch
+    labels = {"torchvision": "torchvision eager (float32 NCHW)",
+              "compile": "torch.compile(torchvision model) (inductor, float32)",
+              "fused": f"vggkit.optimize(precision='fp32') ({_how(fused)})",
+              "onnxruntime": "vggkit.optimize(precision='fp32', backend='onnxruntime') (onnxruntime CPU, float32)"}
+    return [Row(task, labels[name], n / seconds, flop, "fp32", n, reference=name == "torchvision",
+                note=notes.get(name, "")) for name, seconds in best.items()]
+
+
 def extraction(vgg, reference, settings: Settings, log) -> list[Row]:
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -143,7 +185,7 @@ def extraction(vgg, reference, settings: Settings, log) -> list[Row]:
 
     flop = gflops(lambda: VGGBackbone(VGG(MODEL), list(TAPS)), (1, 3, 224, 224))
     x = torch.randn(settings.batch, 3, 224, 224)
-    fast = optimize(VGGBackbone(vgg, list(TAPS)))
+    fast = optimize(VGGBackbone(vgg, list(TAPS)), backend="torch")
     extractor = create_feature_extractor(reference, return_nodes=TORCHVISION_TAPS).eval()
     with torch.no_grad():
         maps_note = agreement(list(fast(x).values()), list(extractor(x).values()), fast.runtime.precision)
@@ -168,7 +210,7 @@ def _extraction_rss(queue) -> None:
 
     mib = 1024.0  # ru_maxrss is in KiB on Linux
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mib
-    fast = optimize(backbone(MODEL, list(TAPS)))
+    fast = optimize(backbone(MODEL, list(TAPS)), backend="torch")
     x = torch.randn(RSS_BATCH, 3, 224, 224)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / mib
     outputs = fast(x)
@@ -231,7 +273,7 @@ def head_finetuning(vgg, settings: Settings, log) -> list[Row]:
     n = settings.finetune_images
     x = torch.randn(n, 3, 224, 224)
     labels = torch.randint(0, 2, (n,))
-    frozen = optimize(vgg.features)
+    frozen = optimize(vgg.features, backend="torch")
     head = copy.deepcopy(vgg.classifier).train()
     head.fc8 = torch.nn.Linear(head.fc8.in_features, 2)
     optimizer = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
@@ -315,6 +357,9 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     vgg, reference, timm_vgg = _models()
     rows = classification(vgg, reference, timm_vgg, settings, log)
     peaks.measure()
+    if settings.slow_rows:  # compiling and exporting take a minute or two
+        rows += cpu_backends(vgg, reference, settings, log)
+        peaks.measure()
     rows += extraction(vgg, reference, settings, log)
     peaks.measure()
     del timm_vgg

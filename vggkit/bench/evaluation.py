@@ -107,7 +107,7 @@ def eval_rows(settings, device: torch.device | str, log) -> list[Row]:
     sync = synchronizer(device)
     torch.manual_seed(0)
     vgg = create_model(MODEL, num_classes=len(CLASSES), width=width).eval()
-    fast = optimize(vgg, device=device)  # one inference copy for every pass
+    fast = optimize(vgg, device=device, backend="torch")  # one inference copy for every pass
     n = settings.eval_images
     batch = max(settings.batch, 50)  # crops per pass: at least the 50 of one image's scale
     with tempfile.TemporaryDirectory(prefix="vggkit-bench-eval-") as folder:

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..utils.paths import display_name
 from .images import (
+    EMPTY_FILE,
     ImageError,
+    check_header,
     check_rescaled,
     describe_non_file,
     is_image_file,
@@ -23,6 +26,15 @@ from .images import (
 )
 
 SPLITS = ("train", "val", "test")
+
+
+SCREEN_SAMPLE = 64  # headers read before training from a scan without verify; a bad one has every header read
+
+
+SKIPPED_NAMED = 10  # files a skip warning names; the rest are counted
+
+
+RUNTIME_WARNINGS = 5  # unreadable files a dataset names one warning each, per process, before it only counts
 
 
 @dataclass
@@ -64,12 +76,32 @@ class SeenFiles:
         return None
 
 
+def list_folder(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """``folder``'s entries; a folder that cannot be read is one ``OSError`` naming it (not a missing
+    sub-folder later: with chmod 000 on data/, data/train/ only *looks* absent)."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except PermissionError:
+        raise PermissionError(f"Cannot read the folder {display_name(folder)}: permission denied; make it "
+                              f"readable (chmod u+rx {display_name(folder)}).") from None
+    except OSError as error:
+        raise OSError(f"Cannot read the folder {display_name(folder)}: {error.strerror or error}.") from None
+
+
 def class_folders(root: str | os.PathLike) -> list[str]:
     """The sorted names of ``root``'s visible sub-folders (links to folders included); nothing is walked."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}. Expected one sub-folder per class.")
-    return sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
+    return sorted(e.name for e in list_folder(root) if not e.name.startswith(".") and _is_folder(e))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
 
 
 def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verify: bool = False,
@@ -114,7 +146,27 @@ def scan_folder(root: str | os.PathLike, classes: list[str] | None = None, verif
                     skipped.append((path, error.reason))
                     continue
             samples.append((path, label))
+    if not verify:
+        samples = screen_headers(samples, skipped)
     return FolderScan(root, classes, samples, skipped)
+
+
+def screen_headers(samples: list[tuple[str, int]], skipped: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    """``samples`` less the files whose header does not open as an image (``check_header``), which go to
+    ``skipped``. SCREEN_SAMPLE files spread over the list are read first, and only a bad one among them
+    has every header read: a clean data set pays 64 small reads; a flood of bad files pays one header
+    read each, once, instead of a failed decode and a warning per file in every epoch."""
+    stride = max(1, len(samples) // SCREEN_SAMPLE)
+    if all(check_header(path) is None for path, _ in samples[::stride][:SCREEN_SAMPLE]):
+        return samples
+    kept = []
+    for path, label in samples:
+        reason = check_header(path)
+        if reason:
+            skipped.append((path, reason))
+        else:
+            kept.append((path, label))
+    return kept
 
 
 def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[str, str]]) -> list[str]:
@@ -125,7 +177,8 @@ def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[
     while pending:
         current = pending.pop()
         try:
-            entries = sorted((e for e in os.scandir(current) if not e.name.startswith(".")), key=lambda e: e.name)
+            with os.scandir(current) as listing:
+                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
         except OSError as error:
             skipped.append((current, f"cannot list the folder ({error.strerror or error})"))
             continue
@@ -148,6 +201,8 @@ def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[
                 skipped.append((entry.path, "not an image file (by extension)"))
             elif not stat.S_ISREG(status.st_mode):
                 skipped.append((entry.path, describe_non_file(entry.path) or "not a regular file"))
+            elif status.st_size == 0:  # known from the stat: never opened (20,000 of them cost no decode)
+                skipped.append((entry.path, EMPTY_FILE))
             else:
                 first = seen.claim(entry.path, status)
                 if first:
@@ -158,22 +213,25 @@ def image_files(folder: str | os.PathLike, seen: SeenFiles, skipped: list[tuple[
     return files
 
 
-def report_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
-    """One warning that lists every skipped file (the first ``limit`` by name) and why."""
+def report_skipped(skipped: list[tuple[str, str]], limit: int = SKIPPED_NAMED) -> None:
+    """One warning for every skipped file: the first ``limit`` named with why (escaped: a newline in a
+    name stays on its line), then "... and N more", so 20,000 bad files are a dozen lines, not 20,000."""
     if not skipped:
         return
-    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
-    more = f"\n  ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    warnings.warn(f"Skipped {len(skipped)} file(s) (unusable, or already counted):\n" + "\n".join(lines) + more,
+    lines = [f"  {display_name(path)}: {display_name(reason)}" for path, reason in skipped[:limit]]
+    more = f"\n  ... and {len(skipped) - limit:,} more" if len(skipped) > limit else ""
+    warnings.warn(f"Skipped {len(skipped):,} file(s) (unusable, or already counted):\n" + "\n".join(lines) + more,
                   stacklevel=2)
 
 
 def find_splits(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """``{"train": ..., "val": ..., "test": ...}`` for the split folders present in ``data_dir`` (may be empty)."""
+    """``{"train": ..., "val": ..., "test": ...}`` for the split folders present in ``data_dir`` (may be empty);
+    a ``data_dir`` that cannot be read is an error naming it."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"Data folder not found: {data_dir}")
-    return {s: data_dir / s for s in SPLITS if (data_dir / s).is_dir()}
+    present = {e.name for e in list_folder(data_dir) if e.name in SPLITS and _is_folder(e)}
+    return {s: data_dir / s for s in SPLITS if s in present}
 
 
 class ImageListDataset(Dataset):
@@ -186,7 +244,7 @@ class ImageListDataset(Dataset):
     def __init__(self, samples: list[tuple[str, int]], transform=None) -> None:
         self.samples = list(samples)
         self.transform = transform
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # in this process: each loader worker holds its own copy
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -201,8 +259,19 @@ class ImageListDataset(Dataset):
                 return (self.transform(image) if self.transform else image), label
             except ImageError as error:
                 self.failed[path] = error.reason
-                warnings.warn(f"Skipping unreadable image {path}: {error.reason}", stacklevel=2)
+                self._warn(path, error.reason)
         raise RuntimeError("No readable image left in the dataset.")
+
+    def _warn(self, path: str, reason: str) -> None:
+        """The first RUNTIME_WARNINGS unreadable files one warning each, then one that says the rest are
+        skipped quietly: a flood of bad files is a few lines per process, not one per file."""
+        count = len(self.failed)
+        if count <= RUNTIME_WARNINGS:
+            warnings.warn(f"Skipping unreadable image {display_name(path)}: {reason}", stacklevel=3)
+        if count == RUNTIME_WARNINGS:
+            warnings.warn(f"{count} unreadable images in this loader process; further ones are skipped without a "
+                          f"warning. data.verify=true (verify_images for finetune) decodes every file before "
+                          f"training and lists them all in one warning.", stacklevel=3)
 
 
 #: (a split's folder, train's scan, class folders only in the split, classes only in train) -> what

@@ -20,6 +20,7 @@ from torchvision.transforms import functional as TF
 
 from ..utils.limits import ENV_VAR, over_limit
 from ..utils.limits import max_pixels as pixel_limit
+from ..utils.paths import display_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 
@@ -29,7 +30,7 @@ class ImageError(ValueError):
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{display_name(path)}: {reason}")  # a newline in a name must not split the message
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -82,18 +83,48 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels:
                 return image
     except ImageError:
         raise
-    except Image.DecompressionBombError as error:  # PIL refuses at open past twice its own limit (179 MP)
+    except _READ_ERRORS as error:
+        raise unreadable(path, error) from None
+
+
+def check_header(path: str | os.PathLike) -> str | None:
+    """None when ``path`` opens as an image within the pixel limit, judged from its header alone (no pixel
+    is decoded: ~0.1 ms a file); else the reason ``load_image`` would give. A file whose pixel data is
+    truncated passes: only decoding finds that."""
+    if os.path.getsize(path) == 0:  # PIL would open it only to fail; a size needs no open
+        return EMPTY_FILE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(image, path, None)
+    except ImageError as error:
+        return error.reason
+    except _READ_ERRORS as error:
+        return unreadable(path, error).reason
+    return None
+
+
+EMPTY_FILE = "an empty file (0 bytes); remove it or copy the image again"
+
+
+# What PIL raises for a file it cannot read: PIL.UnidentifiedImageError and truncated files are OSErrors.
+_READ_ERRORS = (Image.DecompressionBombError, OSError, ValueError, SyntaxError, IndexError, EOFError)
+
+
+def unreadable(path: str | os.PathLike, error: BaseException) -> ImageError:
+    """The ``ImageError`` for an exception PIL raised opening or decoding ``path``: what it means and the fix."""
+    if isinstance(error, Image.DecompressionBombError):  # PIL refuses at open past twice its own limit (179 MP)
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(found.group(1)):,} pixels" if found else "its size"
-        raise ImageError(path, f"{size}, over the limit of {min(pixel_limit(), 2 * Image.MAX_IMAGE_PIXELS):,} "
-                               f"(set {ENV_VAR} to change it); refused as a possible decompression bomb") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied; make the file readable (chmod +r)") from None
-    except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        return ImageError(path, f"{size}, over the limit of {min(pixel_limit(), 2 * Image.MAX_IMAGE_PIXELS):,} "
+                                f"(set {ENV_VAR} to change it); refused as a possible decompression bomb")
+    if isinstance(error, PermissionError):
+        return ImageError(path, "permission denied; make the file readable (chmod +r)")
+    if isinstance(error, OSError):
         reason = "not an image PIL can read" if "cannot identify" in str(error) else f"corrupt or truncated ({error})"
-        raise ImageError(path, f"{reason}; remove or replace the file") from None
-    except (ValueError, SyntaxError, IndexError, EOFError) as error:
-        raise ImageError(path, f"corrupt image ({error}); remove or replace the file") from None
+        return ImageError(path, f"{reason}; remove or replace the file")
+    return ImageError(path, f"corrupt image ({error}); remove or replace the file")
 
 
 def describe_non_file(path: str | os.PathLike) -> str | None:

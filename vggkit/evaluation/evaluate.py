@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from ..data.images import ImageError, load_image
 from ..models.configs import resolve
 from ..models.vgg import VGG
 from ..runtime.engine import LONG_JOB_IMAGES
+from ..utils.atomic import DiskFullError, is_disk_full
 from ..utils.checks import RANDOM_INIT_SEED, check_int
 from ..utils.choices import DECODERS, PROTOCOLS, RELEASES
 from ..utils.paths import looks_like_a_path, writable_file
@@ -324,7 +326,8 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     itself is not changed. ``decode``: "pil" (in DataLoader workers), "device" (JPEGs
     batched through decode_jpeg and rescaled on the runtime's device, PIL for the
     rest) or "auto" (device on CUDA, else PIL). ``predictions_csv`` writes every
-    image's top-5 per protocol, row by row as the pass goes. Returns an ``EvaluationResult`` (errors in %).
+    image's top-5 per protocol, row by row as the pass goes, into ``<predictions_csv>.partial``, renamed
+    to ``predictions_csv`` when the pass completes. Returns an ``EvaluationResult`` (errors in %).
     """
     protocols = check_protocols(protocol)
     scales = check_scales(scales)
@@ -365,10 +368,11 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         tallies = {p: TopK(k) for p in protocols}
         network_seconds = dict.fromkeys(("center", "dense", "multicrop"), 0.0)
         failed: list[tuple[str, str]] = []
-        csv_out = PredictionsCsv(predictions_csv, scan, k) if predictions_csv is not None else None
+        csv_out = (PredictionsCsv(predictions_csv, scan, k, len(scan.samples) * len(protocols))
+                   if predictions_csv is not None else None)
         start = time.perf_counter()
         with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar, \
-                contextlib.closing(csv_out) if csv_out else contextlib.nullcontext():
+                csv_out if csv_out else contextlib.nullcontext():
             for loaded in loader:
                 if decode_here:
                     loaded = decode_batch(loaded, scan.samples, on_device, view_scales, center)
@@ -428,16 +432,41 @@ class PredictionsCsv:
     that is killed or fails keeps every row done so far: path, protocol, true class, correct top-1 and
     top-k, then the top-k classes with their probabilities.
 
-    File and class names that are not valid UTF-8 are written as their original bytes.
+    The rows go to ``<path>.partial``, renamed to ``path`` when the pass completes (leaving the ``with``
+    without an error): a file under the final name is always a whole pass, and the rows of a pass that
+    did not finish are in the ``.partial`` file. A full disk is a ``DiskFullError``. File and class
+    names that are not valid UTF-8 are written as their original bytes.
     """
 
-    def __init__(self, path: str | os.PathLike, scan: FolderScan, k: int) -> None:
-        self.path, self.scan, self.k = Path(path), scan, k
+    def __init__(self, path: str | os.PathLike, scan: FolderScan, k: int, rows: int = 0) -> None:
+        self.path, self.scan, self.k, self.rows, self.written = Path(path), scan, k, rows, 0
+        self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.file = open(self.partial, "w", newline="", encoding="utf-8", errors="surrogateescape")
         self.writer = csv.writer(self.file)
         header = ["path", "protocol", "true_class", "correct_top1", f"correct_top{k}"]
         self.writer.writerow(header + [f"{column}{i}" for i in range(1, k + 1) for column in ("class", "probability")])
+
+    def __enter__(self) -> "PredictionsCsv":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self.file.close()  # may flush the last rows: a full disk can show here too
+        except OSError as close_error:
+            if error is None:
+                self._disk_full(close_error)
+            return  # the error already raised matters more than this one
+        if error is None:
+            os.replace(self.partial, self.path)
+
+    def _disk_full(self, error: OSError) -> NoReturn:
+        """Raise ``error`` as a DiskFullError when it is one; its size estimated from the rows written so far."""
+        if not is_disk_full(error):
+            raise error
+        done = self.partial.stat().st_size if self.partial.exists() else 0
+        estimate = done * max(self.rows, self.written) // max(self.written, 1)
+        raise DiskFullError(self.path, estimate, "choose another --csv path", "about ") from error
 
     def write(self, protocol: str, indices: list[int], labels: list[int], probabilities: torch.Tensor) -> None:
         """One batch of one protocol: sample indices, true labels, softmax (N, classes)."""
@@ -447,8 +476,12 @@ class PredictionsCsv:
                      int(label in classes)]
             for c, probability in zip(classes, values):
                 cells += [self.scan.classes[c], f"{probability:.6f}"]
-            self.writer.writerow(cells)
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+            try:
+                self.writer.writerow(cells)
+            except OSError as error:
+                self._disk_full(error)
+            self.written += 1
+        try:
+            self.file.flush()
+        except OSError as error:
+            self._disk_full(error)

@@ -122,7 +122,7 @@ def inference_networks(model: nn.Module, precision: str | None = None, device: s
     if isinstance(model, OptimizedModel):
         runtime = model.runtime
     elif precision is not None:
-        fast = optimize(vgg, precision, device, compile, long_job)
+        fast = optimize(vgg, precision, device, compile, long_job, backend="torch")  # sizes vary per scale
         vgg, runtime = fast.model, fast.runtime
     else:
         parameter = next(vgg.parameters())

@@ -32,7 +32,8 @@ from ..runtime.engine import LONG_JOB_IMAGES, optimize
 from ..utils.atomic import atomic_write
 from ..utils.checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from ..utils.choices import DECODERS
-from ..utils.paths import looks_like_a_path
+from ..utils.lock import OutputLock
+from ..utils.paths import display_name, looks_like_a_path, writable_file
 from ..weights.factory import create_model, load
 
 REDUCTIONS = ("mean", "stack", None)
@@ -58,7 +59,8 @@ class Features:
     scales: tuple[int, ...]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write an ``.npz`` (features, labels, paths, class_names, layer, scales), atomically."""
+        """Write an ``.npz`` (features, labels, paths, class_names, layer, scales), atomically; a full disk
+        is a ``DiskFullError``."""
         path = Path(path)
 
         def write(tmp: Path) -> None:
@@ -67,7 +69,9 @@ class Features:
                          class_names=np.array(self.class_names, dtype=str), layer=np.array(self.layer),
                          scales=np.array(self.scales, dtype=np.int64))
 
-        atomic_write(path, write)
+        # The arrays' bytes, a lower bound of the file (np.savez stores them uncompressed): a disk without
+        # them is refused before writing.
+        atomic_write(path, write, size=self.features.nbytes + self.labels.nbytes)
         return path
 
     @classmethod
@@ -168,10 +172,10 @@ def _as_list(batch):
 
 
 def summarise_names(names: Sequence[str], limit: int = 5) -> str:
-    """``"a, b, c"``, or the first ``limit`` names and ``"... (N in all)"`` for a long list."""
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[:limit]) + f", ... ({len(names)} in all)"
+    """``"a, b, c"``, or the first ``limit`` names and ``"... (N in all)"`` for a long list; each name
+    escaped (``display_name``), so a newline in a class name does not split the line."""
+    shown = [display_name(name) for name in names[:limit]]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tuple[str, str]]]:
@@ -293,6 +297,19 @@ def extract_features(
             features = features.reshape(len(features), -1)
     return Features(features.astype(np.float32), labels[kept], [_describe(sources[i]) for i in kept],
                     list(class_names or getattr(model, "class_names", None) or []), layer, scales)
+
+
+def extract_to_file(output: str | os.PathLike, *args, **kwargs) -> Features:
+    """``extract_features(*args, **kwargs)``, saved to ``output`` (``Features.save``, atomic).
+
+    ``output`` is held by this call from the start (``vggkit.utils.lock.OutputLock.for_file``): a second
+    extraction to the same file is refused at once, before any work, with one line naming this process.
+    """
+    output = writable_file(output, example="features.npz")
+    with OutputLock.for_file(output, fix="choose another output file (-o)"):
+        features = extract_features(*args, **kwargs)
+        features.save(output)
+    return features
 
 
 def _as_model(model_or_name, weights, width) -> VGG:

@@ -44,7 +44,9 @@ from ..utils.checks import (
     check_side,
 )
 from ..utils.choices import RELEASES
-from ..utils.paths import check_output_outside, writable_folder
+from ..utils.atomic import write_or_keep
+from ..utils.lock import OutputLock, deferred_interrupts
+from ..utils.paths import check_output_outside
 from ..weights.checkpoint import check_weights_name
 from ..weights.factory import checkpoint_metadata, create_model, load, save_checkpoint
 from .feature_cache import FeatureCache, FlipViews, remove_stale_caches
@@ -137,19 +139,22 @@ class FinetuneResult:
     ``lr``, ``seconds``; epoch 1's ``seconds`` include building the feature cache);
     ``metrics``: on the test split if there is one, else validation (``accuracy``,
     per-class ``precision``/``recall``, ``confusion_matrix``); ``checkpoint``: its path;
-    ``plots``: PNG paths next to it.
+    ``plots``: PNG paths next to it. ``save_error``: set when the disk had no room for
+    ``model.pth``; ``checkpoint`` is then the fallback file, or None (the weights are in ``model``
+    only), and no plots were drawn.
     """
 
     model: VGG
     history: list[dict]
     metrics: dict
-    checkpoint: Path
+    checkpoint: Path | None
     plots: dict[str, Path]
     class_names: list[str]
     config: dict
     best_epoch: int
     cache_storage: str | None = None
     cache_seconds: float = 0.0
+    save_error: str | None = None
 
     @property
     def epoch_seconds(self) -> list[float]:
@@ -259,7 +264,7 @@ def frozen_backbone_inputs(net: VGG, splits: DataSplits, flip: bool, cache: str 
                            device: torch.device, batch_size: int, num_workers: int, progress: bool) -> TrainingInputs:
     """Head-only training: pool5 of the image (and its mirror with ``flip``) through the runtime's
     copy of the backbone, cached (``cache`` = storage) or recomputed (None); the head trains on it."""
-    backbone = optimize(net.features, device=device)
+    backbone = optimize(net.features, device=device, backend="torch")
     transform = eval_transform_of(net)
     common = dict(batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers, progress=progress)
     train = FrozenBackboneBatches(backbone, splits.train, transform, 2 if flip else 1, cache=cache, name="train",
@@ -375,6 +380,8 @@ def finetune(
     better validation accuracy and keeps the best epoch (of equal accuracies, the lowest
     validation loss). One line per epoch is printed when ``log_epochs`` (default: ``progress``).
     Writes ``model.pth``, ``training_curves.png`` and ``confusion_matrix.png`` to ``output_dir``.
+    A ``model.pth`` the disk has no room for goes to ``$VGGKIT_FALLBACK_DIR`` or the system temp
+    folder instead, with one warning saying where (``save_error``): the trained weights are never lost.
     """
     _check_arguments(num_classes, strategy=strategy, optimizer=optimizer, cache_features=cache_features,
                      epochs=epochs, patience=patience, batch_size=batch_size, num_workers=num_workers,
@@ -390,37 +397,53 @@ def finetune(
     check_output_outside(output_dir, data_dir, flag="output_dir (--output)")
     # Called here, not in a helper: its single-image warning points two frames up, at finetune's caller.
     splits = prepare_splits(data_dir, num_classes, val_fraction=val_fraction, seed=seed, verify=verify_images)
-    writable_folder(output_dir)  # before training, not when saving its result
-    report_skipped(splits.skipped)
-    if len(splits.classes) < 2:
-        raise ValueError(f"{data_dir} holds one class folder ({splits.classes[0]}): a classifier learns to tell at "
-                         f"least two classes apart. Add a folder of images of another class.")
-
-    net, frozen, run_device = _build_network(model, weights, splits.classes, head=head, width=width, dropout=dropout,
-                                             hidden=hidden, image_size=image_size, strategy=strategy,
-                                             unfreeze_blocks=unfreeze_blocks, device=device)
-    inputs, cache_storage, cache_seconds = _training_inputs(net, frozen, splits, strategy, cache_features, flip,
-                                                            output_dir, run_device, seed=seed, batch_size=batch_size,
-                                                            num_workers=num_workers, progress=progress)
-    lr = lr if lr is not None else DEFAULT_LR[optimizer]
-    opt, scheduler = _optimizer(net, frozen, optimizer, lr, backbone_lr_scale, weight_decay, patience)
+    # One writer per output folder (created here and proved writable): a second finetune on it is refused
+    # before any training, with one line naming this process.
+    lock, written = OutputLock(output_dir, fix="choose another output_dir (--output)").acquire(), False
     try:
-        history, best_epoch = _fit(net, frozen, inputs, run_device, opt, scheduler, epochs=epochs, patience=patience,
-                                   seed=seed, cache_seconds=cache_seconds, progress=progress, log_epochs=log_epochs)
-        split, labels, predictions = _evaluate(net, inputs, run_device)
-    finally:
-        inputs.close()
-    metrics = classification_metrics(labels, predictions, splits.classes, split)
+        report_skipped(splits.skipped)
+        if len(splits.classes) < 2:
+            raise ValueError(f"{data_dir} holds one class folder ({splits.classes[0]}): a classifier learns to tell "
+                             f"at least two classes apart. Add a folder of images of another class.")
 
-    config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
-              "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
-              "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-              "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
-              "image_size": net.preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
-              "patience": patience, "cache_features": cache_storage, "seed": seed}
-    checkpoint, plots = _write_outputs(net, config, history, metrics, best_epoch, splits.classes, output_dir)
+        net, frozen, run_device = _build_network(model, weights, splits.classes, head=head, width=width,
+                                                 dropout=dropout, hidden=hidden, image_size=image_size,
+                                                 strategy=strategy, unfreeze_blocks=unfreeze_blocks, device=device)
+        inputs, cache_storage, cache_seconds = _training_inputs(net, frozen, splits, strategy, cache_features, flip,
+                                                                output_dir, run_device, seed=seed,
+                                                                batch_size=batch_size, num_workers=num_workers,
+                                                                progress=progress)
+        lr = lr if lr is not None else DEFAULT_LR[optimizer]
+        opt, scheduler = _optimizer(net, frozen, optimizer, lr, backbone_lr_scale, weight_decay, patience)
+        try:
+            history, best_epoch = _fit(net, frozen, inputs, run_device, opt, scheduler, epochs=epochs,
+                                       patience=patience, seed=seed, cache_seconds=cache_seconds, progress=progress,
+                                       log_epochs=log_epochs)
+            split, labels, predictions = _evaluate(net, inputs, run_device)
+        finally:
+            inputs.close()
+        metrics = classification_metrics(labels, predictions, splits.classes, split)
+
+        config = {"data_dir": str(data_dir), "model": net.name, "weights": None if weights is None else str(weights),
+                  "head": head, "strategy": strategy, "unfreeze_blocks": unfreeze_blocks, "epochs": epochs,
+                  "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+                  "weight_decay": weight_decay, "dropout": dropout, "width": net.width,
+                  "image_size": net.preprocess.input_size, "flip": flip, "val_fraction": val_fraction,
+                  "patience": patience, "cache_features": cache_storage, "seed": seed}
+        # model.pth and its plots land as a set: an interrupt from here on waits until all are written
+        # (seconds), so it leaves this run's complete outputs or, arriving before, the previous ones.
+        with deferred_interrupts():
+            checkpoint, plots, save_error = _write_outputs(net, config, history, metrics, best_epoch,
+                                                           splits.classes, output_dir)
+            written = True
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as the CLI turns it into one
+        interrupt.args = (f"interrupted after writing {output_dir / 'model.pth'} and its plots" if written else
+                          f"interrupted; nothing written (the outputs in {output_dir} are as they were)",)
+        raise
+    finally:
+        lock.release()
     return FinetuneResult(net, history, metrics, checkpoint, plots, list(splits.classes), config, best_epoch,
-                          cache_storage, cache_seconds)
+                          cache_storage, cache_seconds, save_error)
 
 
 def _check_arguments(num_classes: int | None, *, strategy: str | None, optimizer: str | None,
@@ -567,15 +590,19 @@ def _evaluate(net: VGG, inputs: TrainingInputs, device: torch.device) -> tuple[s
 
 
 def _write_outputs(net: VGG, config: dict, history: list[dict], metrics: dict, best_epoch: int,
-                   class_names: list[str], output_dir: Path) -> tuple[Path, dict[str, Path]]:
-    """The checkpoint ``model.pth`` (atomic), then the plots; returns its path and the plots' paths."""
+                   class_names: list[str], output_dir: Path) -> tuple[Path | None, dict[str, Path], str | None]:
+    """The checkpoint ``model.pth`` (atomic), then the plots; returns its path, the plots' paths and, when
+    the disk had no room for it, the message (the checkpoint then in a fallback folder, or None)."""
     net.weights_info = {"source": f"finetuned on {config['data_dir']}", "from": config["weights"],
                         "best_epoch": best_epoch, "accuracy": metrics["accuracy"]}
-    checkpoint = save_checkpoint(net, output_dir / "model.pth", head=net.head_config, finetune=config,
-                                 history=history, metrics=metrics)
+    checkpoint, save_error = write_or_keep(output_dir / "model.pth", lambda path: save_checkpoint(
+        net, path, head=net.head_config, finetune=config, history=history, metrics=metrics))
+    if save_error is not None:  # a full disk: the plots would not fit either, and are cheap to draw again
+        warnings.warn(save_error, stacklevel=3)
+        return checkpoint, {}, save_error
     plots = save_plots(history, metrics, class_names, output_dir,
                        title=f"{net.name}, {config['head']} head, strategy {config['strategy']}")
-    return checkpoint, plots
+    return checkpoint, plots, None
 
 def save_plots(history: list[dict], metrics: dict, class_names: list[str], output_dir: Path,
                title: str) -> dict[str, Path]:

@@ -138,7 +138,7 @@ def measure_designs(channels: int, depth: int, size: int, repeats: int = 5) -> l
     rows = []
     for design in compared_designs(channels, depth):
         module = design.module()
-        fast = optimize(module)
+        fast = optimize(module, backend="torch")
         seconds = time_forward(fast, x, repeats)
         rows.append({
             "module": design.label,

@@ -22,8 +22,10 @@ almost all of the time, so ``compile="auto"`` leaves them eager there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,19 +80,22 @@ def default_device() -> torch.device:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How a forward pass runs: device, dtype, channels_last, torch.compile, and why."""
+    """How a forward pass runs: device, dtype, channels_last, torch.compile, the backend, and why."""
 
     device: torch.device
     dtype: torch.dtype
     channels_last: bool = True
     compile: bool = False
     reason: str = ""
+    backend: str = "torch"  # or "onnxruntime" (float32 on the CPU, vggkit.runtime.onnx)
 
     @property
     def precision(self) -> str:
         return {v: k for k, v in DTYPES.items()}[self.dtype]
 
     def describe(self) -> str:
+        if self.backend != "torch":
+            return f"{self.device.type} {self.precision} {self.backend}"
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{self.device.type} {self.precision} {layout}{' compiled' if self.compile else ''}"
 
@@ -176,7 +181,39 @@ def inference_copy(model: nn.Module, runtime: Runtime) -> nn.Module:
     if runtime.device.type == "cpu" and runtime.dtype == torch.float32 and runtime.channels_last \
             and not runtime.compile:
         fuse_for_cpu(inference)  # compiled copies get inductor's own version of this rewrite
-    return inference
+    return inference.eval()  # the modules the rewrite put in are new, so in training mode
+
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def choose_backend(backend: str, runtime: Runtime) -> Runtime:
+    """``runtime`` run by ``backend``: ``"torch"`` (as it is), ``"onnxruntime"`` (float32 on the CPU only),
+    or ``"auto"``: onnxruntime where it is installed and the runtime is float32 eager on the CPU (on a CPU
+    without fast bf16 it ran vgg16 faster than the fused oneDNN copy; README, Deployment), else torch.
+    """
+    from .onnx import INSTALL, onnxruntime_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose from {BACKENDS}.")
+    fits = runtime.device.type == "cpu" and runtime.dtype == torch.float32 and not runtime.compile
+    if backend == "auto":
+        if not fits:
+            return runtime
+        if not onnxruntime_available():
+            return dataclasses.replace(runtime, reason=runtime.reason + f"; torch backend: onnxruntime is not "
+                                                                       f"installed ({INSTALL})")
+        backend = "onnxruntime"
+    if backend == "torch":
+        return runtime
+    if not fits:
+        raise ValueError(f"backend='onnxruntime' runs float32 on the CPU without torch.compile; this runtime is "
+                         f"{runtime.describe()}: pass precision='fp32', device='cpu', compile=False.")
+    if not onnxruntime_available():
+        raise RuntimeError(f"backend='onnxruntime' needs onnxruntime, which is not installed; {INSTALL}.")
+    # onnxruntime takes NCHW float32: a channels_last input would only be copied back.
+    return dataclasses.replace(runtime, channels_last=False, backend="onnxruntime",
+                               reason=runtime.reason + "; onnxruntime: float32 on the CPU")
 
 
 class OptimizedModel(nn.Module):
@@ -185,38 +222,62 @@ class OptimizedModel(nn.Module):
     Takes ordinary float32 NCHW input on any device and returns float32 (tensors or dicts
     of tensors) on the device the input came from, so it drops in where the model was:
     a CPU tensor in, a CPU tensor out, even when the copy runs on the GPU. Runs in
-    inference mode. The original model is left untouched.
+    inference mode: ``training`` is False from the start, ``eval()``/``train(False)`` are
+    no-ops, and ``train(True)`` warns once and leaves it in inference mode (so tools that
+    save and restore the mode, ``m.train(m.training)``, work). ``source`` is the original
+    model, unchanged (exporters take it, as ``vggkit.deploy.export.export`` does). ``model`` is the copy:
+    an ``nn.Module`` on the torch backend, an ``OnnxModule`` on onnxruntime.
     """
 
     def __init__(self, model: nn.Module, runtime: Runtime) -> None:
         super().__init__()
+        self.training = False
+        # Held outside the module tree: no parameters, state dict, .to() or .train() of ours reach the original.
+        object.__setattr__(self, "_source", model)
+        self._warned_train = False
         self.runtime = runtime
-        self.model = inference_copy(model, runtime)
+        if runtime.backend == "onnxruntime":
+            from .onnx import OnnxModule
+
+            self.model = OnnxModule(inference_copy(model, runtime))
+        else:
+            self.model = inference_copy(model, runtime)
         self._forward = torch.compile(self.model, dynamic=True) if runtime.compile else self.model
         for attribute in ("preprocess", "class_names", "num_classes", "spec", "feature_info", "weights_info"):
             if hasattr(model, attribute):
                 setattr(self, attribute, getattr(model, attribute))
 
+    @property
+    def source(self) -> nn.Module:
+        """The model this copy was made from, as it was given (float32, its own device and mode)."""
+        return self._source
+
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
             return _to_float32(self._forward(self.runtime.input(x)), x.device)
 
-    def train(self, mode: bool = True) -> "OptimizedModel":
-        if mode:
-            raise RuntimeError("An optimized model is an inference copy; train the original float32 model.")
+    def train(self, mode: bool = True) -> OptimizedModel:
+        """A no-op that keeps the copy in inference mode; ``train(True)`` warns once (train ``source``)."""
+        if mode and not self._warned_train:
+            self._warned_train = True
+            warnings.warn("An optimized model is an inference copy and stays in inference mode; train its "
+                          "float32 original (.source) instead.", stacklevel=2)
         return super().train(False)
 
 
 def optimize(model: nn.Module, precision: str = "auto", device: str | torch.device | None = None,
-             compile: bool | str = False, long_job: bool = False) -> OptimizedModel:
+             compile: bool | str = False, long_job: bool = False, backend: str = "auto") -> OptimizedModel:
     """A fast inference copy of ``model``: bf16/channels_last where the hardware runs them fast.
 
     Input: float32 (N, 3, H, W) on any device; output: float32 on the input's device.
-    ``model`` itself is not changed. ``compile="auto"`` compiles only a ``long_job``.
-    An ``OptimizedModel`` given here is re-made from its inner copy, not wrapped twice,
-    on the device it was given unless ``device`` says otherwise.
+    ``model`` itself is not changed (``.source`` holds it). ``compile="auto"`` compiles only a
+    ``long_job``. ``backend``: ``"auto"`` (default: ``choose_backend``, onnxruntime for float32
+    eager on the CPU where installed), ``"torch"`` or ``"onnxruntime"`` (float32 on the CPU, exported on
+    the first call). An ``OptimizedModel`` given
+    here is re-made from its source, not wrapped twice, on the device it was given unless
+    ``device`` says otherwise.
     """
     if isinstance(model, OptimizedModel):
         device = model.runtime.device if device is None else device
-        model = model.model
-    return OptimizedModel(model, choose_runtime(precision, device, compile, long_job))
+        model = model.source
+    return OptimizedModel(model, choose_backend(backend, choose_runtime(precision, device, compile, long_job)))

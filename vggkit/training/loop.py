@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +38,13 @@ from ..data.pipeline import EncodedImages, EpochSampler, GpuAugment, SeededAugme
 from ..data.transforms import EvalTransform, TrainTransform
 from ..models.vgg import VGG
 from ..runtime.engine import Runtime, choose_runtime
-from ..utils.atomic import atomic_write_text, remove_stale_temps
-from ..utils.checks import check_device, check_int
+from ..utils.atomic import atomic_write_text, remove_stale_temps, write_or_keep
+from ..utils.checks import check_device, check_flag, check_int, check_path
+from ..utils.lock import OutputLock
 from ..utils.paths import check_output_outside, writable_folder
 from ..weights.checkpoint import read_training_state
 from ..weights.factory import checkpoint_metadata, create_model, load_weights, save_checkpoint
-from .recipe import Recipe, apply_overrides
+from .recipe import Recipe, apply_overrides, check_overrides
 from .step import NonFiniteLossError, TrainStep
 
 # Section 3.1: the deeper nets take net A's first four conv layers and its three FC layers.
@@ -63,14 +65,19 @@ LONG_RUN_IMAGES = 1_000_000  # compile="auto" compiles runs of at least this man
 
 @dataclass
 class TrainResult:
-    """What a run ended with. ``completed`` is False when it was stopped early to be resumed."""
+    """What a run ended with. ``completed`` is False when it was stopped early to be resumed.
+
+    ``save_error``: set when a full disk stopped the run; ``checkpoint``/``best`` are then where the
+    files went instead (a fallback folder), or None where nowhere had room: ``model`` holds the weights.
+    """
 
     model: VGG
     history: list[dict]
-    checkpoint: Path
+    checkpoint: Path | None
     best: Path | None
     completed: bool
     step_losses: list[float] = field(default_factory=list)  #: every optimizer step's loss in this call
+    save_error: str | None = None
 
 
 def init_from(checkpoint_a: str | os.PathLike | VGG, model: VGG) -> VGG:
@@ -286,13 +293,12 @@ def resolve_run(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.Pa
                 output_dir: str | os.PathLike, resume: bool, overrides: list[str] | tuple[str, ...]) -> Run:
     """The recipe (a resumed run's own, from last.pt) with ``overrides``, the scanned data, the device and
     process group, the batch split; writes recipe.toml. Every check fails here, before any training."""
-    if recipe is None and not resume:
-        raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
     check_output_outside(output_dir, data_dir)
     output = prepare_output(output_dir, resume)
     saved = load_training_state(output / LAST) if resume else None
     if saved is not None:  # the run's own recipe; a recipe given as well is ignored
         recipe = Recipe.from_dict(apply_overrides(saved["recipe"], overrides), source=str(output / LAST))
+        check_same_model(recipe, saved, output / LAST)
     elif isinstance(recipe, Recipe):
         recipe = Recipe.from_dict(apply_overrides(recipe.to_dict(), overrides))
     else:
@@ -315,7 +321,7 @@ def resolve_run(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.Pa
     per_process, micro_batch, accumulation = split_batch(recipe.optim.batch_size, dist.world_size,
                                                          recipe.run.max_batch_per_gpu)
     if dist.is_main:
-        (output / RECIPE).write_text(recipe.to_toml())
+        atomic_write_text(recipe.to_toml(), output / RECIPE)
     return Run(recipe, output, saved, train_scan, val_scan, dist, runtime, steps_per_epoch, per_process,
                micro_batch, accumulation)
 
@@ -385,6 +391,8 @@ class RunState:
     start_epoch: int = 0
     start_step: int = 0  #: the next epoch's first step: past 0 when resuming inside an epoch
     global_step: int = 0
+    at: tuple[int, int] = (0, 0)  #: (epoch, steps done in it) being run: where an interrupt finds the run
+    checkpoint_at: tuple[int, int] | None = None  #: (epoch, step) where last.pt resumes, once there is one
     history: list[dict] = field(default_factory=list)
     best_error: float = math.inf  #: the best validation top-1 error so far (%)
     epoch_loss: float = 0.0  #: summed losses of the resumed epoch's steps before start_step
@@ -393,6 +401,36 @@ class RunState:
     step_losses: list[float] = field(default_factory=list)  #: every optimizer step's loss in this call
     curves_stale: bool = False  #: curves.png lags metrics.jsonl
     curves_drawn_at: float = 0.0  #: time.monotonic() when curves.png was last drawn, or the epochs began
+    save_error: str | None = None  #: a checkpoint the disk had no room for: the run stops
+    kept: dict[str, Path | None] = field(default_factory=dict)  #: such a checkpoint -> its fallback file or None
+
+
+def check_same_model(recipe: Recipe, saved: dict, path: Path) -> None:
+    """Refuse, in one line naming the keys, a resume whose model section (after --set) builds another
+    network than last.pt holds: its weights would not load."""
+    from ..models.configs import resolve
+
+    found = {"model.name": resolve(recipe.model.name).name, "model.num_classes": recipe.model.num_classes,
+             "model.width": float(recipe.model.width)}
+    stored = {"model.name": resolve(saved["model_name"]).name, "model.num_classes": saved["num_classes"],
+              "model.width": float(saved.get("width", 1.0))}
+    differ = [f"{key}={found[key]!r} (last.pt: {stored[key]!r})" for key in found if found[key] != stored[key]]
+    if differ:
+        raise ValueError(f"{path} holds another network than the recipe asks for: {', '.join(differ)}. Resume "
+                         f"without changing the model section, or start a new run in another --output "
+                         f"(--set init.weights={path} starts from these weights where the shapes fit).")
+
+
+def apply_resumed_optim(learner: Learner, recipe: Recipe, saved_recipe: dict) -> None:
+    """``--resume --set optim.lr=...`` (or momentum, weight_decay) takes effect: the optimizer state read
+    from last.pt carries the old values. A new lr rescales the current one and the schedule's floor, so
+    the drops already made are kept."""
+    old = saved_recipe.get("optim", {})
+    ratio = recipe.optim.lr / old["lr"] if old.get("lr") else 1.0
+    for group in learner.step.optimizer.param_groups:
+        group.update(lr=group["lr"] * ratio, momentum=recipe.optim.momentum,
+                     weight_decay=recipe.optim.weight_decay)
+    learner.scheduler.min_lrs = [floor * ratio for floor in learner.scheduler.min_lrs]
 
 
 def restore(run: Run, learner: Learner) -> RunState:
@@ -403,6 +441,7 @@ def restore(run: Run, learner: Learner) -> RunState:
     learner.net.load_state_dict(saved["state_dict"])
     learner.step.optimizer.load_state_dict(saved["optimizer"])
     learner.scheduler.load_state_dict(saved["scheduler"])
+    apply_resumed_optim(learner, run.recipe, saved["recipe"])
     if saved.get("scaler"):
         learner.step.scaler.load_state_dict(saved["scaler"])
     start_epoch = saved["epoch"]
@@ -410,6 +449,7 @@ def restore(run: Run, learner: Learner) -> RunState:
                      history=[row for row in saved["history"] if row["epoch"] <= start_epoch],  # no partial epoch
                      best_error=saved["best_top1_error"], epoch_loss=saved["epoch_loss"], curves_stale=True)
     set_rng_state(saved["rng"][run.dist.rank if len(saved["rng"]) == run.dist.world_size else 0])
+    state.at = state.checkpoint_at = (start_epoch, saved["step"])
     if run.dist.is_main:
         # A kill after last.pt but before the logs: re-derive them from last.pt's history (best.pt is
         # written before last.pt, so it is never behind it).
@@ -439,17 +479,34 @@ def save_state(run: Run, learner: Learner, state: RunState, epoch: int, step: in
     rng = gather_rng_states(run.dist)  # a collective: every rank takes part
     if run.dist.is_main:
         scaler = learner.step.scaler
-        save_checkpoint(learner.net, run.output / LAST, recipe=run.recipe.to_dict(),
-                        optimizer=learner.step.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, step=step,
-                        global_step=state.global_step, rng=rng, history=state.history,
-                        best_top1_error=state.best_error, epoch_loss=loss_so_far)
+        keep_checkpoint(run, state, LAST, lambda path: save_checkpoint(
+            learner.net, path, recipe=run.recipe.to_dict(), optimizer=learner.step.optimizer.state_dict(),
+            scheduler=learner.scheduler.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
+            epoch=epoch, step=step, global_step=state.global_step, rng=rng, history=state.history,
+            best_top1_error=state.best_error, epoch_loss=loss_so_far))
+    if LAST not in state.kept:  # a last.pt that went to a fallback folder moved no resume point here
+        state.checkpoint_at = (epoch, step)
+    if run.dist.enabled:  # rank 0's disk is full: every rank stops with it, not hung at its next collective
+        stop = torch.tensor([state.save_error is not None], dtype=torch.int32, device=run.dist.device)
+        torch_dist.broadcast(stop, 0)
+        if stop.item() and state.save_error is None:
+            state.save_error = "rank 0 could not write a checkpoint: its disk is full"
+
+
+def keep_checkpoint(run: Run, state: RunState, name: str, save) -> None:
+    """``save(path)`` for ``run.output / name``; on a full disk, into a fallback folder instead
+    (``vggkit.utils.atomic.write_or_keep``): one warning says where, and ``state.save_error`` stops the run."""
+    where, message = write_or_keep(run.output / name, save)
+    if message is not None:
+        state.kept[name], state.save_error = where, message
+        warnings.warn(message, stacklevel=3)
 
 
 def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar: tqdm, output: Path, lr: float,
-              step_losses: list[float]) -> None:
+              step_losses: list[float], recipe_lr: float = 0.0) -> None:
     """Bring the ``pending`` step losses (the last of them step ``next_step``) to the host, onto
-    ``step_losses``; stop on NaN/inf."""
+    ``step_losses``; stop on NaN/inf with the fix: a lower ``optim.lr`` (``recipe_lr``, the recipe's, which
+    a resume rescales the schedule's current ``lr`` by), and ``--resume`` only once last.pt exists."""
     if not pending:
         return
     values = torch.stack(pending).tolist()
@@ -458,11 +515,15 @@ def read_back(pending: list[torch.Tensor], epoch: int, next_step: int, bar: tqdm
         if not math.isfinite(value):
             bar.close()
             last = output / LAST
-            kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
+            # --resume needs a last.pt; before the first one, the fix is the same command with a lower lr.
+            base = recipe_lr or lr
+            lower = f"--set optim.lr={base / 10:g} (the recipe's is {base:g}; the lr now {lr:g})"
+            fix = (f"The last good checkpoint is {last}: continue with --resume {lower}, or check the data."
+                   if last.is_file() else f"No checkpoint was written yet, so there is nothing to resume: start "
+                                          f"the run again with {lower}, or check the data.")
             raise NonFiniteLossError(
                 f"Loss is {value} at epoch {epoch + 1}, step {next_step - len(values) + offset + 1}: training "
-                f"stopped, and no checkpoint holds this or a later update. {kept} Lower optim.lr (now "
-                f"{lr:g}) or check the data, then continue with --resume.")
+                f"stopped, and no checkpoint holds this or a later update. {fix}")
     step_losses.extend(values)
     bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{lr:.0e}")
 
@@ -491,6 +552,7 @@ def run_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, epo
     is always caught before a checkpoint could hold its update.
     """
     recipe, dist, schedule, start_step = run.recipe, run.dist, run.recipe.schedule, state.start_step
+    state.at = (epoch, start_step)
     loaders.sampler.set_epoch(epoch, start=start_step * run.per_process)
     batches = iter(loaders.train)
     learner.step.model.train()
@@ -507,7 +569,8 @@ def run_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, epo
         return to_device(images, dist.device, recipe.run.channels_last), labels.to(dist.device, non_blocking=True)
 
     def flush() -> None:
-        read_back(pending, epoch, tally.step + 1, bar, run.output, learner.lr, state.step_losses)
+        read_back(pending, epoch, tally.step + 1, bar, run.output, learner.lr, state.step_losses,
+                  recipe_lr=recipe.optim.lr)
 
     for step in range(start_step, run.steps_per_epoch):
         tally.step = step
@@ -515,6 +578,7 @@ def run_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, epo
         tally.loss_sum += step_loss
         pending.append(step_loss)
         state.global_step, state.steps_this_run = state.global_step + 1, state.steps_this_run + 1
+        state.at = (epoch, step + 1)
         tally.images_seen += run.per_process * dist.world_size
         bar.update()
         if state.steps_this_run == 1 and run.runtime.compile:
@@ -541,6 +605,9 @@ def run_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, epo
             break
         if checkpoint:
             save_state(run, learner, state, epoch, step + 1, tally.loss_sum.item())
+            if state.save_error:  # a full disk: stop here, the weights kept elsewhere or in memory
+                tally.stopped, state.completed = True, False
+                break
     flush()
     bar.close()
     return tally
@@ -576,31 +643,37 @@ def end_epoch(run: Run, loaders: Loaders, learner: Learner, state: RunState, tal
     # Order matters for a kill between two writes: best.pt before last.pt (a resume replays the epoch
     # and rewrites the same best.pt), the logs after it (a resume re-derives them from last.pt).
     if dist.is_main and improved:
-        save_checkpoint(learner.net, run.output / BEST, epoch=tally.epoch + 1, recipe=recipe.to_dict(),
-                        accuracy={"top1_error": metrics["val_top1_error"], "top5_error": metrics["val_top5_error"]})
+        keep_checkpoint(run, state, BEST, lambda path: save_checkpoint(
+            learner.net, path, epoch=tally.epoch + 1, recipe=recipe.to_dict(),
+            accuracy={"top1_error": metrics["val_top1_error"], "top5_error": metrics["val_top5_error"]}))
     if finished_epoch:
         save_state(run, learner, state, tally.epoch + 1, 0, 0.0)
     else:
         save_state(run, learner, state, tally.epoch, last_step, tally.loss_sum.item())
-    if dist.is_main:
+    if state.save_error:  # a full disk: stop, and leave the logs (a resume re-derives them from last.pt)
+        tally.stopped, state.completed = True, False
+    elif dist.is_main:
         write_metrics(run.output, state.history)
         state.curves_stale = True
         if time.monotonic() - state.curves_drawn_at >= CURVES_EVERY_S:
             write_curves(run.output, state.history)
             state.curves_drawn_at, state.curves_stale = time.monotonic(), False
+    if dist.is_main:
         tqdm.write(epoch_summary(recipe, row), file=sys.stderr)
     state.start_step, state.epoch_loss = 0, 0.0
 
 
 def finish(run: Run, learner: Learner, state: RunState) -> TrainResult:
-    """Draw curves.png if it lags, wait for every rank, and say what the run ended with."""
-    if run.dist.is_main and state.curves_stale:
+    """Draw curves.png if it lags, wait for every rank, and say what the run ended with (after a full
+    disk: where the checkpoints went instead)."""
+    # No finished epoch yet (a job stopped twice inside epoch 1): nothing to plot, not an error.
+    if run.dist.is_main and state.curves_stale and state.history and not state.save_error:
         write_curves(run.output, state.history)
     if run.dist.enabled:
         torch_dist.barrier()
-    best = run.output / BEST
-    return TrainResult(learner.net, state.history, run.output / LAST, best if best.is_file() else None,
-                       state.completed, state.step_losses)
+    best = state.kept.get(BEST) or run.output / BEST
+    return TrainResult(learner.net, state.history, state.kept.get(LAST, run.output / LAST),
+                       best if best.is_file() else None, state.completed, state.step_losses, state.save_error)
 
 
 def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -613,27 +686,63 @@ def train(recipe: Recipe | str | os.PathLike | None, data_dir: str | os.PathLike
     ``overrides``: ``section.key=value`` strings applied on top. ``stop_after_steps``:
     end this invocation after that many optimizer steps with a checkpoint, to be
     resumed later (time-limited cluster jobs; 0: no such stop). Under torchrun, every process calls this.
+    A checkpoint the disk has no room for stops the run: it is written to ``$VGGKIT_FALLBACK_DIR`` or the
+    system temp folder instead (a run folder to resume from), one warning says where, and the result's
+    ``save_error`` is set (``checkpoint`` None where nowhere had room: ``model`` still holds the weights).
     """
     check_int("stop_after_steps", stop_after_steps, 0)
-    run = resolve_run(recipe, data_dir, output_dir, resume, overrides)
-    loaders = build_loaders(run)
-    learner = build_learner(run)
-    torch.manual_seed(run.recipe.run.seed + run.dist.rank)  # dropout masks differ per rank, as on separate GPUs
-    state = restore(run, learner)
-    if run.dist.is_main:
-        announce(run, state)
-    state.curves_drawn_at = time.monotonic()
-    schedule = run.recipe.schedule
-    for epoch in range(state.start_epoch, schedule.epochs):
-        if schedule.max_steps and state.global_step >= schedule.max_steps:
-            break
-        tally = run_epoch(run, loaders, learner, state, epoch, stop_after_steps, progress)
-        if not state.completed:
-            break
-        end_epoch(run, loaders, learner, state, tally)
-        if tally.stopped:
-            break
-    return finish(run, learner, state)
+    check_path("data_dir", data_dir), check_path("output_dir", output_dir), check_flag("resume", resume)
+    check_overrides(overrides)  # a str would be read as one override per character
+    if recipe is None and not resume:
+        raise ValueError("Give a recipe (a TOML file or a name from recipes/imagenet/), or --resume a run.")
+    if not (recipe is None or isinstance(recipe, Recipe)):
+        check_path("recipe", recipe)  # a Recipe, a TOML file or a shipped recipe's name
+    check_output_outside(output_dir, data_dir)  # before the lock creates the folder
+    # One writer per run folder, from the first moment: a second train, or a --resume, on it is refused
+    # at once. Under torchrun rank 0 holds it for the job (the ranks write one folder together).
+    with OutputLock(output_dir, enabled=int(os.environ.get("RANK", 0)) == 0, fix="choose another --output",
+                    writable_fix="choose a writable --output"):
+        state = None
+        try:
+            run = resolve_run(recipe, data_dir, output_dir, resume, overrides)
+            loaders = build_loaders(run)
+            learner = build_learner(run)
+            torch.manual_seed(run.recipe.run.seed + run.dist.rank)  # dropout masks differ per rank
+            state = restore(run, learner)
+            if run.dist.is_main:
+                announce(run, state)
+            state.curves_drawn_at = time.monotonic()
+            schedule = run.recipe.schedule
+            for epoch in range(state.start_epoch, schedule.epochs):
+                if schedule.max_steps and state.global_step >= schedule.max_steps:
+                    break
+                tally = run_epoch(run, loaders, learner, state, epoch, stop_after_steps, progress)
+                if not state.completed:
+                    break
+                end_epoch(run, loaders, learner, state, tally)
+                if tally.stopped:
+                    break
+            return finish(run, learner, state)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM as the CLI turns it into one
+            interrupt.args = (interrupted_at(Path(output_dir), state),)
+            raise
+
+
+def interrupted_at(output: Path, state: RunState | None) -> str:
+    """The line an interrupted run ends with: where it was and the checkpoint that ``--resume`` continues from.
+
+    Every write is atomic and ordered (best.pt, last.pt, then the logs, re-derived from last.pt on
+    resume), so whatever the interrupt cut, the last.pt on disk is whole and consistent.
+    """
+    where = "" if state is None else f" at epoch {state.at[0] + 1} step {state.at[1]}"
+    if state is not None and state.checkpoint_at is not None:
+        epoch, step = state.checkpoint_at
+        return (f"interrupted{where}; last checkpoint {output / LAST} (epoch {epoch + 1} step {step}); "
+                f"continue with --resume")
+    if (output / LAST).is_file():  # interrupted while a --resume was setting up
+        return f"interrupted before training resumed; last checkpoint {output / LAST}; continue with --resume"
+    when = f"{where}, before the first checkpoint" if state is not None else " before training began"
+    return f"interrupted{when}; nothing to resume: start the run again"
 
 
 def compile_step(recipe: Recipe, device: torch.device, steps_per_epoch: int) -> bool:

@@ -13,9 +13,19 @@ import dataclasses
 import difflib
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
+from ..utils.checks import (
+    MAX_COUNT,
+    ArgumentError,
+    check_choice,
+    check_int,
+    check_range,
+    check_seed,
+    check_side,
+    check_width,
+)
 from ..utils.choices import PRECISIONS
 
 try:
@@ -34,6 +44,15 @@ RECIPE_DIR = next((d for d in (_PACKAGE / "recipes" / "imagenet", _PACKAGE.paren
 
 
 INIT_METHODS = ("paper", "glorot", "kaiming")
+
+
+MAX_CLASSES = 1_000_000  # fc8 then holds 4 G weights; more is a typo, not a data set
+
+
+MAX_BATCH = 2**20  # a global batch of a million images is already 4,000 of the paper's
+
+
+MAX_WORKERS = 1024  # loader processes per GPU; each holds a copy of the dataset's file list
 
 
 @dataclass
@@ -113,6 +132,10 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     run: RunSection = field(default_factory=RunSection)
     target: TargetSection = field(default_factory=TargetSection)
+    source: InitVar[str] = "recipe"  #: where the values come from, for the messages (a file, "recipe")
+
+    def __post_init__(self, source: str) -> None:
+        self.validate(source)
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
@@ -131,9 +154,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "recipe") -> "Recipe":
-        recipe = _build(cls, data, source, prefix="")
-        recipe.validate(source)
-        return recipe
+        """A recipe from nested dicts (a parsed TOML file), validated."""
+        return _build(cls, data, source, prefix="", init={"source": source})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,60 +175,16 @@ class Recipe:
         return (scale, scale) if isinstance(scale, int) else (scale[0], scale[1])
 
     def validate(self, source: str = "recipe") -> None:
-        """Values that parse but make no sense: a ``ValueError`` naming the key and the fix."""
-        from ..models.configs import resolve
-        from ..utils.checks import ArgumentError, check_positive, check_side, check_width
+        """Every value checked, types then ranges: a ``ValueError`` naming the key, the range and the value.
 
-        def fail(key: str, message: str) -> None:
-            raise ValueError(f"{source}: {key}: {message}")
-
+        Construction runs it, so a ``Recipe`` built in Python, a TOML file and ``--set`` are checked alike.
+        """
+        _check_types(self, source)
         try:
-            resolve(self.model.name)
-        except (KeyError, ValueError) as error:
-            fail("model.name", str(error).strip("'\""))
-        if self.init.method not in INIT_METHODS:
-            fail("init.method", f"{self.init.method!r} is not one of {INIT_METHODS}")
-        if self.run.compile not in (True, False, "auto"):
-            fail("run.compile", f"{self.run.compile!r} is not true, false or \"auto\"")
-        if self.run.loss_every < 1:
-            fail("run.loss_every", f"must be at least 1, got {self.run.loss_every}")
-        if self.run.precision not in PRECISIONS:
-            fail("run.precision", f"{self.run.precision!r} is not one of {PRECISIONS}")
-        scale = self.data.scale
-        if isinstance(scale, list) and (len(scale) != 2 or scale[0] > scale[1]):
-            fail("data.scale", f"{scale} must be one size S or a range [S_min, S_max] with S_min <= S_max")
-        if self.scale_range[0] < self.data.crop:
-            fail("data.scale", f"S={self.scale_range[0]} is smaller than the {self.data.crop} px crop")
-        if self.data.val_scale < self.data.crop:
-            fail("data.val_scale", f"Q={self.data.val_scale} is smaller than the {self.data.crop} px crop")
-        # The ranges the API and the CLI share (vggkit.utils.checks), under the recipe's key names.
-        try:
-            check_width("model.width", self.model.width)
-            check_positive("optim.lr", self.optim.lr)
-            check_side("data.crop", self.data.crop)
-            for scale in self.scale_range + (self.data.val_scale,):
-                check_side("data.scale" if scale != self.data.val_scale else "data.val_scale", scale)
+            _check_model_and_data(self, source)
+            _check_optimisation(self, source)
         except ArgumentError as error:
-            fail(error.argument, f"{error.requirement}, got {error.value}")
-        positive = {"model.num_classes": self.model.num_classes, "optim.batch_size": self.optim.batch_size,
-                    "schedule.epochs": self.schedule.epochs}
-        for key, value in positive.items():
-            if value <= 0:
-                fail(key, f"must be positive, got {value}")
-        non_negative = {"data.workers": self.data.workers, "schedule.max_steps": self.schedule.max_steps,
-                        "schedule.max_drops": self.schedule.max_drops, "schedule.patience": self.schedule.patience,
-                        "run.max_batch_per_gpu": self.run.max_batch_per_gpu,
-                        "run.checkpoint_every": self.run.checkpoint_every, "data.pca_std": self.data.pca_std,
-                        "optim.weight_decay": self.optim.weight_decay, "optim.momentum": self.optim.momentum}
-        for key, value in non_negative.items():
-            if value < 0:
-                fail(key, f"must be >= 0, got {value}")
-        if not 0 <= self.model.dropout < 1:
-            fail("model.dropout", f"must be in [0, 1), got {self.model.dropout}")
-        if not 0 < self.schedule.factor < 1:
-            fail("schedule.factor", f"must be in (0, 1), got {self.schedule.factor}")
-        if self.init.from_a and self.init.weights:
-            fail("init", "set either from_a (pre-initialise from net A) or weights (start from a checkpoint), not both")
+            raise ValueError(f"{source}: {error.argument}: {error.requirement}, got {error.value!r}") from None
 
 
 def find_recipe(path: str | os.PathLike) -> Path:
@@ -232,6 +210,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     A value is read as TOML (numbers, booleans, lists, quoted strings) and otherwise
     taken as a plain string. Keys are checked when the recipe is validated.
     """
+    check_overrides(overrides)
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -252,7 +231,24 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
-def _build(cls, data: dict, source: str, prefix: str):
+def check_overrides(overrides) -> list[str]:
+    """``overrides`` as a list of str; a single str (iterated, it would be one override per character) or any
+    other type is a one-line ``ValueError`` that shows the list to pass."""
+    if isinstance(overrides, str):
+        raise ValueError(f"overrides={overrides!r} is a str; pass a list of section.key=value strings: "
+                         f"overrides=[{overrides!r}].")
+    if not isinstance(overrides, (list, tuple)):
+        raise ValueError(f"overrides must be a list of section.key=value strings such as ['optim.lr=0.001'], "
+                         f"got {type(overrides).__name__}.")
+    for index, item in enumerate(overrides):
+        if not isinstance(item, str):
+            raise ValueError(f"overrides[{index}]={item!r} ({type(item).__name__}) is not a section.key=value str "
+                             f"such as 'optim.lr=0.001'.")
+    return list(overrides)
+
+
+def _build(cls, data: dict, source: str, prefix: str, init: dict | None = None):
+    """``cls`` from a dict: unknown keys named with the closest valid one, every value's type checked."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(data, dict):
@@ -268,7 +264,7 @@ def _build(cls, data: dict, source: str, prefix: str):
             values[key] = _build(kind, value, source, prefix=f"{prefix}{key}.")
         else:
             values[key] = _check_type(value, kind, f"{prefix}{key}", source)
-    return cls(**values)
+    return cls(**values, **(init or {}))
 
 
 def _check_type(value, kind, key: str, source: str):
@@ -277,14 +273,113 @@ def _check_type(value, kind, key: str, source: str):
         base = typing.get_origin(option) or option
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if base is list and isinstance(value, list):
+        if base is list and isinstance(value, (list, tuple)):  # a tuple from Python, a list from TOML
             item = typing.get_args(option)[0]
             if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-                return value
+                return list(value)
         elif isinstance(value, base) and (base is bool or not isinstance(value, bool)):
             return value
     wanted = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
     raise ValueError(f"{source}: {key} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _check_types(recipe: Recipe, source: str) -> None:
+    """Each section a section (a dict is built into one) and each value of its declared type; ints become
+    floats where a float is declared. Raises a ``ValueError`` naming the key and the type wanted."""
+    hints = typing.get_type_hints(Recipe)
+    for item in dataclasses.fields(recipe):
+        value, kind = getattr(recipe, item.name), hints[item.name]
+        if not dataclasses.is_dataclass(kind):
+            setattr(recipe, item.name, _check_type(value, kind, item.name, source))
+            continue
+        if isinstance(value, dict):
+            value = _build(kind, value, source, prefix=f"{item.name}.")
+        elif not isinstance(value, kind):
+            raise ValueError(f"{source}: [{item.name}] must be {kind.__name__}(...) or a dict of its keys, got "
+                             f"{type(value).__name__}")
+        section_hints = typing.get_type_hints(kind)
+        for key in dataclasses.fields(kind):  # built in Python, a section skipped _build's checks
+            setattr(value, key.name, _check_type(getattr(value, key.name), section_hints[key.name],
+                                                 f"{item.name}.{key.name}", source))
+        setattr(recipe, item.name, value)
+
+
+def _check_model_and_data(recipe: Recipe, source: str) -> None:
+    """The model, init and data sections' ranges: an ``ArgumentError`` under the recipe's key name, or a
+    ``ValueError`` naming ``source`` and the key where the value alone does not say what is wrong."""
+    from ..models.configs import resolve
+
+    model, data = recipe.model, recipe.data
+    try:
+        resolve(model.name)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{source}: model.name: {str(error).strip(chr(39) + chr(34))}") from None
+    _check_count("model.num_classes", model.num_classes, 2, MAX_CLASSES,
+              why="a classifier tells at least 2 classes apart")
+    check_width("model.width", model.width)
+    check_range("model.dropout", model.dropout, 0, 1, high_open=True, why="the share of fc6/fc7 units dropped; "
+                                                                            "the paper's 0.5")
+    if recipe.init.method not in INIT_METHODS:
+        raise ValueError(f"{source}: init.method: {recipe.init.method!r} is not one of {INIT_METHODS}")
+    if recipe.init.from_a and recipe.init.weights:
+        raise ValueError(f"{source}: init: set either from_a (pre-initialise from net A) or weights (start from a "
+                         f"checkpoint), not both")
+    scale = data.scale
+    if isinstance(scale, list) and (len(scale) != 2 or scale[0] > scale[1]):
+        raise ValueError(f"{source}: data.scale: {scale} must be one size S or a range [S_min, S_max] with "
+                         f"S_min <= S_max, such as [256, 512]")
+    s_min, s_max = recipe.scale_range
+    for side in (s_min, s_max):
+        check_side("data.scale", side)
+    check_side("data.crop", data.crop)
+    if s_min < data.crop:  # the random crop must fit in the rescaled image
+        raise ValueError(f"{source}: data.scale: S={s_min} is smaller than the {data.crop} px crop; set S >= "
+                         f"{data.crop} or a smaller data.crop")
+    check_side("data.val_scale", data.val_scale)
+    if data.val_scale < data.crop:
+        raise ValueError(f"{source}: data.val_scale: Q={data.val_scale} is smaller than the {data.crop} px crop; "
+                         f"set Q >= {data.crop} or a smaller data.crop")
+    check_range("data.pca_std", data.pca_std, 0, 10, why="AlexNet's colour shift is 0.1; 0 turns it off")
+    _check_count("data.workers", data.workers, 0, MAX_WORKERS)
+
+
+def _check_optimisation(recipe: Recipe, source: str) -> None:
+    """The optim, schedule, run and target sections' ranges; an ``ArgumentError`` under the key name (a
+    ``ValueError`` naming ``source`` for run.compile, whose choices mix a bool and a str)."""
+    optim, schedule, run = recipe.optim, recipe.schedule, recipe.run
+    _check_count("optim.batch_size", optim.batch_size, 1, MAX_BATCH)
+    check_range("optim.lr", optim.lr, 0, low_open=True, why="the paper's is 0.01")
+    check_range("optim.momentum", optim.momentum, 0, 1, high_open=True,
+                why="the paper's 0.9; at 1 or more the update never forgets a gradient and diverges")
+    check_range("optim.weight_decay", optim.weight_decay, 0, why="the paper's 5e-4; 0 turns it off")
+    _check_count("schedule.epochs", schedule.epochs, 1, MAX_COUNT)
+    check_range("schedule.factor", schedule.factor, 0, 1, low_open=True, high_open=True,
+                why="the lr is multiplied by it at a plateau; the paper's 0.1")
+    _check_count("schedule.patience", schedule.patience, 0, MAX_COUNT)
+    # Validation top-1 accuracy is a share: 1 or more would never count as an improvement.
+    check_range("schedule.threshold", schedule.threshold, 0, 1, high_open=True,
+                why="a share of top-1 accuracy: 0.001 is 0.1 percentage point")
+    _check_count("schedule.max_drops", schedule.max_drops, 0, MAX_COUNT)
+    _check_count("schedule.max_steps", schedule.max_steps, 0, MAX_COUNT)
+    check_seed("run.seed", run.seed)
+    check_choice("run.precision", run.precision, PRECISIONS)
+    if run.compile not in (True, False, "auto"):
+        raise ValueError(f"{source}: run.compile: {run.compile!r} is not true, false or \"auto\"")
+    _check_count("run.max_batch_per_gpu", run.max_batch_per_gpu, 0, MAX_BATCH)
+    _check_count("run.checkpoint_every", run.checkpoint_every, 0, MAX_COUNT)
+    _check_count("run.loss_every", run.loss_every, 1, MAX_COUNT)
+    for key in ("top1_error", "top5_error"):
+        check_range(f"target.{key}", getattr(recipe.target, key), 0, 100, why="a percentage; 0 when unknown")
+
+
+def _check_count(key: str, value: int, minimum: int, maximum: int, why: str = "") -> int:
+    """A whole number in ``[minimum, maximum]``, said as recipe keys say it ("must be positive, at most N")."""
+    try:
+        return check_int(key, value, minimum, maximum)
+    except ArgumentError:
+        least = {0: ">= 0", 1: "positive"}.get(minimum, f"at least {minimum}")
+        raise ArgumentError(key, value, f"must be {least}, at most {maximum:,}{' (' + why + ')' if why else ''}"
+                            ) from None
 
 
 def _toml_value(value) -> str:

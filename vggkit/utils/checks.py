@@ -9,6 +9,7 @@ while parsing, before any work. No torch here: the CLI imports this module for -
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Iterable
 
 MIN_WIDTH = 1 / 64  # conv1's 64 channels become one; thinner networks are all rounding
@@ -25,6 +26,12 @@ MAX_SIDE = 2048  # a 2048 px side already needs ~1 GiB per conv1 map in float32;
 
 SIDE_REASON = ("the five 2x2 max-poolings need at least 32 px (224 is the paper's, 384 and up give the dense form; "
                "vggkit info --input-size N shows every layer's size)")
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the RNGs a run seeds (torch, numpy, Python)
+
+
+MAX_COUNT = 2**53  # counts with no natural bound (steps, epochs): the largest whole number JSON and float64 hold exactly
 
 
 RANDOM_INIT_SEED = 0  # random initialisation without a seed of the caller's own: one network per process and run
@@ -61,6 +68,40 @@ def check_positive(argument: str, value, why: str = "") -> float:
     if not value > 0:
         raise ArgumentError(argument, value, f"must be a finite number above 0{' (' + why + ')' if why else ''}")
     return float(value)
+
+
+def check_range(argument: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, why: str = "") -> float:
+    """A finite number in the interval from ``low`` to ``high`` (closed unless ``low_open``/``high_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentError(argument, value, "must be a number")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):  # nan fails every comparison; inf is named too
+        span = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high)
+                else f"a finite number {'>' if low_open else '>='} {low:g}")
+        raise ArgumentError(argument, value, f"must be {span}{' (' + why + ')' if why else ''}")
+    return float(value)
+
+
+def check_seed(argument: str, value) -> int:
+    """A seed every RNG takes: a whole number from 0 to 2**32 - 1, the same rule for the API and the CLI."""
+    return check_int(argument, value, 0, MAX_SEED, why="numpy's seed range; any seed in it is as good as another")
+
+
+def check_path(argument: str, value) -> str | os.PathLike:
+    """A file or folder name: a ``str`` or ``os.PathLike`` (``pathlib.Path``), not empty."""
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ArgumentError(argument, value, f"must be a path (a str or pathlib.Path), not "
+                                             f"{'an empty str' if value == '' else type(value).__name__}")
+    return value
+
+
+def check_flag(argument: str, value) -> bool:
+    """``True`` or ``False``; a str such as "false" would otherwise count as true."""
+    if not isinstance(value, bool):
+        raise ArgumentError(argument, value, f"must be True or False, not {type(value).__name__}")
+    return value
 
 
 def check_width(argument: str, value) -> float:

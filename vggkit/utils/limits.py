@@ -20,7 +20,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photograph: 120 MB as 8-bit RG
 # The app serves many people from one process, so its dense views (class score maps) hold the
 # rescaled image to a tighter budget: they allocate per rescaled pixel (vgg16's conv1 maps: 2 flips x
 # 64 channels x 4 bytes = 512 B each), and at 1 MP (1953 x 512: an aspect ratio of 3.8 at Q = 512,
-# 15 at Q = 256) a full-width vgg16 pass adds 1.6 GB in float32, 0.9 GB in bf16 (measured).
+# 15 at Q = 256) a full-width vgg16 pass adds 0.7 GB in float32 (measured).
 APP_DENSE_MAX_PIXELS = 1_000_000
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 def looks_like_a_path(text: str | os.PathLike) -> bool:
     """True for what is meant as a file (a folder in it, or a weight file's extension), not a model name."""
     text = str(text)
-    return os.sep in text or Path(text).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+    return os.sep in text or Path(text).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".h5", ".keras")
 
 
 def writable_folder(path: str | os.PathLike, fix: str = "choose a writable folder") -> Path:
@@ -50,6 +50,12 @@ def check_output_outside(output: str | os.PathLike, data: str | os.PathLike, fla
 
 
 def display_name(name: str | os.PathLike) -> str:
-    """A file or class name for showing (terminal, plot, HTML): bytes that are not UTF-8 (carried by
-    Python as surrogate escapes) become U+FFFD instead of breaking the output."""
-    return os.fsencode(name).decode("utf-8", "replace")
+    """A file or class name for showing (terminal, plot, HTML, warnings): bytes that are not UTF-8 (carried
+    by Python as surrogate escapes) become U+FFFD, and control characters (newline, tab, ESC, ...) are
+    written as escapes (``\\n``, ``\\t``, ``\\x1b``), so one name is one line and cannot move the cursor."""
+    return os.fsencode(name).decode("utf-8", "replace").translate(_ESCAPES)
+
+
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators, which also end a line.
+_ESCAPES = {code: chr(code).encode("unicode_escape").decode("ascii")
+            for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}

@@ -16,17 +16,20 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .atomic import atomic_write
 from .paths import display_name
 
 SPLIT_PREFIXES = ("train_", "val_", "test_")
 
 
 def save_figure(figure: Figure, path: str | os.PathLike | None) -> Figure:
-    """Write ``figure`` to ``path`` (PNG, parent folders created) when a path is given."""
+    """Write ``figure`` to ``path`` (PNG unless the suffix names another format; parent folders created)
+    when a path is given: atomically, so a full disk or a kill leaves the whole plot or none."""
     if path is not None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        # The temp file's name ends in .tmp<pid>: the format must come from the final name.
+        fmt = path.suffix[1:].lower() or "png"
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
     return figure
 
 

@@ -1,5 +1,6 @@
 """Every way to get a model from a name or a file: ``create_model``, ``load``, ``backbone``; the weight
-layouts (vggkit, torchvision, timm, Caffe), the releases, and checkpoint reading and validation."""
+layouts (vggkit, torchvision, timm, Caffe; Keras and Lightning files), the releases, and checkpoint reading
+and validation."""
 
 from .._lazy import lazy_package
 

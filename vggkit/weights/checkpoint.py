@@ -6,18 +6,21 @@ it checks that the path is a regular file before opening it (a FIFO would block
 forever), reads it as data only (``torch.load(weights_only=True)`` or safetensors),
 and turns every failure into one ``WeightsError`` naming the file. ``check_metadata``
 and ``check_finite`` validate what a vggkit checkpoint says about itself and its
-numbers. ``atomic_save`` writes through a temp file and a rename, and removes the
-temp files an interrupted write left behind.
+numbers. ``write_safetensors`` writes a vggkit checkpoint as safetensors, its metadata as
+JSON strings in the header, through a temp file and a rename (``vggkit.utils.atomic``).
+``keras_file_kind`` tells Keras's files apart (``vggkit.weights.keras`` reads them).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import pickle
 import re
 import stat
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ import torch
 from ..data.preprocess import Preprocess
 from ..models.configs import ModelSpec, resolve
 from ..models.heads import HEADS
+from ..utils.atomic import atomic_write
 from ..utils.choices import RELEASES
 from ..utils.paths import looks_like_a_path
 
@@ -59,11 +63,18 @@ class WeightsError(ValueError):
     """A weight file that cannot be loaded into the asked-for model, with the reason and the fix."""
 
 
-PASS_A_CHECKPOINT = "Pass a .pth/.pt state dict, a .safetensors file or a vggkit checkpoint."
+PASS_A_CHECKPOINT = ("Pass a .pth/.pt/.ckpt state dict, a .safetensors file, a Keras .weights.h5/.h5/.keras file "
+                     "or a vggkit checkpoint.")
 
 
 # How the files torch.save writes begin: a zip archive (torch >= 1.6) or a pickle (legacy).
 TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras's .weights.h5 and legacy .h5 files
+
+
+KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # the weights inside a .keras zip (model.save("x.keras"))
 
 
 OTHER_FILE_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
@@ -104,7 +115,7 @@ def check_checkpoint_header(path: Path) -> None:
     except OSError as error:
         raise WeightsError(f"Cannot read {path}: {error.strerror or error}.") from None
     safetensors = len(head) == 9 and head[8:9] == b"{"
-    if head.startswith(TORCH_FILE_MAGIC) or (safetensors and path.suffix == ".safetensors"):
+    if head.startswith(TORCH_FILE_MAGIC + (HDF5_MAGIC,)) or (safetensors and path.suffix == ".safetensors"):
         return
     kind = next((name for magic, name in OTHER_FILE_MAGIC.items() if head.startswith(magic)),
                 "an empty file" if not head else "unrecognised contents")
@@ -122,12 +133,11 @@ def read_checkpoint(path: str | os.PathLike, what: str = "Weight file") -> dict:
     path = check_regular_file(path, what)
     check_checkpoint_header(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise WeightsError(f"{path} is not a valid .safetensors file ({_first_line(error)}).") from None
+        return read_safetensors(path)
+    if keras_file_kind(path):
+        # Keras files are read by vggkit.weights.keras, through create_model; torch.load would call them corrupt.
+        raise WeightsError(f"{path} is a Keras weight file, not a PyTorch checkpoint; load it with "
+                           f"vggkit.create_model(weights='{path}').")
     try:
         loaded = _torch_load(path)
     except pickle.UnpicklingError as error:
@@ -148,6 +158,68 @@ def read_checkpoint(path: str | os.PathLike, what: str = "Weight file") -> dict:
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors.")
     return loaded
+
+
+def keras_file_kind(path: str | os.PathLike) -> str | None:
+    """``"hdf5"`` (``.weights.h5``, legacy ``.h5``), ``"keras"`` (a ``.keras`` zip holding ``model.weights.h5``)
+    or None, from the file's first bytes and, for a zip, its member names (torch.save files are zips too)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_MAGIC))
+    except OSError:
+        return None
+    if head == HDF5_MAGIC:
+        return "hdf5"
+    if head.startswith(TORCH_FILE_MAGIC[0]):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                # A .keras name without the member is still Keras's: its reader says what is missing.
+                keras = KERAS_WEIGHTS_MEMBER in archive.namelist() or Path(path).suffix == ".keras"
+                return "keras" if keras else None
+        except (zipfile.BadZipFile, OSError):
+            return None  # a cut-off torch file: its own reader names the damage
+    return None
+
+
+def read_safetensors(path: Path) -> dict:
+    """A ``.safetensors`` file -> its tensors, plus, for one ``save_checkpoint`` wrote, the vggkit metadata
+    decoded from the header (``format``, ``model_name``, ``num_classes`` ... as JSON strings) with the
+    tensors under ``state_dict``. Other metadata (``{"format": "pt"}`` of Hugging Face files) is ignored."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise WeightsError(f"{path} is not a valid .safetensors file ({_first_line(error)}).") from None
+    if header.get("format") not in ('"vggkit"', "vggkit"):
+        return tensors
+    meta = {}
+    for key, text in header.items():
+        try:
+            meta[key] = json.loads(text)
+        except ValueError:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise field_error(path, key, f"is not JSON ({shown!r}) in the safetensors metadata") from None
+    return {**meta, "format": "vggkit", "state_dict": tensors}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], metadata: dict, path: str | os.PathLike) -> None:
+    """``state`` as a real ``.safetensors`` file, each ``metadata`` field a JSON string in its header
+    (safetensors holds str -> str only), written through a temp file and a rename."""
+    from safetensors.torch import save_file
+
+    header = {}
+    for key, value in metadata.items():
+        try:
+            header[key] = json.dumps(value)
+        except TypeError:
+            raise ValueError(f"Cannot write {path}: {key!r} ({type(value).__name__}) is not plain data; a "
+                             f".safetensors file holds tensors and text only. Save training state to a .pth "
+                             f"file instead.") from None
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def _first_line(error: BaseException) -> str:
