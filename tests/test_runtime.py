@@ -218,7 +218,7 @@ def test_packed_conv_relu_copy_computes_what_the_model_computes(name):
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
             module.weight.data.uniform_(0.5, 2)
-    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    fast = vggkit.optimize(model, precision="fp32", device="cpu", backend="torch")  # the fused torch copy
     conv = fast.model.features.conv1_1
     assert isinstance(conv, PackedConv2d) and conv.relu
     assert isinstance(fast.model.features.relu1_1, nn.Identity)
@@ -247,12 +247,12 @@ def test_a_used_optimized_model_can_be_copied_pickled_and_optimized_again():
     import pickle
 
     model = vggkit.create_model("vgg11", width=1 / 16).eval()
-    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    fast = vggkit.optimize(model, precision="fp32", device="cpu", backend="torch")
     x = torch.randn(1, 3, 64, 64)
     expected = fast(x)  # packs weights: oneDNN tensors that have no storage to copy
     torch.testing.assert_close(copy.deepcopy(fast)(x), expected)
     torch.testing.assert_close(pickle.loads(pickle.dumps(fast.model))(x), expected)
-    again = vggkit.optimize(fast, precision="fp32")
+    again = vggkit.optimize(fast, precision="fp32", backend="torch")
     assert isinstance(again.model, vggkit.VGG)
     torch.testing.assert_close(again(x), expected)
 
@@ -433,3 +433,24 @@ def test_auto_backend_is_onnxruntime_for_float32_cpu_inference_only(cpu, monkeyp
     cpu(AVX2_ONLY)
     chosen = rt.choose_backend("auto", rt.choose_runtime("auto"))
     assert chosen.backend == "torch" and "onnxruntime is not installed" in chosen.reason
+
+
+@ORT
+def test_the_default_backend_is_onnxruntime_on_a_float32_cpu_and_falls_back_to_torch(monkeypatch):
+    import vggkit.runtime.onnx as onnx_backend
+
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=4).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu")
+    assert fast.runtime.backend == "onnxruntime" and not fast.model.training
+    assert vggkit.optimize(model, precision="bf16", device="cpu").runtime.backend == "torch"  # no bf16 in ORT
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("ONNX export of VGG failed (dynamo: ...; torchscript: ...).")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", refuse)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"inputs of size \(3, 32, 32\) run in PyTorch"):
+        out = fast(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+    assert fast(x).shape == (2, 4)  # the size is remembered: no second export, no second warning

@@ -99,7 +99,7 @@ def classification(vgg, reference, timm_vgg, settings: Settings, log) -> list[Ro
     n = settings.batch
     rows = [Row(task, "torchvision default (float32 NCHW)", n / best["torchvision"], flop, batch=n, reference=True),
             Row(task, "timm default (float32 NCHW)", n / best["timm"], flop, batch=n),
-            Row(task, f"vggkit.optimize default ({_how(fast)})", n / best["vggkit"], flop,
+            Row(task, f"vggkit.optimize(backend='torch') ({_how(fast)})", n / best["vggkit"], flop,
                 fast.runtime.precision, n, note=f"logits {logits_note}")]
     if settings.slow_rows:
         rows += _slow_classification_rows(vgg, task, flop, settings, log)

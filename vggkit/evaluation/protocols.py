@@ -97,9 +97,19 @@ class InferenceNetworks:
             return dense(self.runtime.input(x)).float()
 
 
+def on_torch(model: nn.Module) -> nn.Module:
+    """``model``, or for an onnxruntime ``OptimizedModel`` the torch copy of its source at the same precision:
+    the protocols run the dense form and many image sizes, which one fixed-size ONNX session cannot."""
+    if isinstance(model, OptimizedModel) and model.runtime.backend != "torch":
+        return optimize(model.source, model.runtime.precision, model.runtime.device, backend="torch")
+    return model
+
+
 def as_vgg(model: nn.Module) -> VGG:
     """The VGG inside ``model`` (itself, or an ``OptimizedModel``'s copy); a clear error otherwise."""
-    inner = model.model if isinstance(model, OptimizedModel) else model
+    inner = model
+    if isinstance(model, OptimizedModel):
+        inner = model.model if model.runtime.backend == "torch" else model.source
     if not isinstance(inner, VGG):
         raise TypeError(f"Expected a vggkit VGG (vggkit.create_model) or vggkit.optimize(...) of one, "
                         f"got {type(model).__name__}.")
@@ -118,6 +128,7 @@ def inference_networks(model: nn.Module, precision: str | None = None, device: s
     on CUDA or a bf16 CPU). A ``vggkit.optimize`` model runs under its own runtime.
     The model's parameters are never changed.
     """
+    model = on_torch(model)
     vgg = as_vgg(model)
     if isinstance(model, OptimizedModel):
         runtime = model.runtime

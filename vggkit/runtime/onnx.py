@@ -127,6 +127,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         require_onnxruntime()
         self.module = module.eval()
+        self.training = False  # an inference copy, as the torch one: tools that save the mode read False
         self.threads, self.opset = threads, opset
         self.exporter: str | None = None
         self._sessions: OrderedDict[tuple[int, ...], tuple[object, list[str], str]] = OrderedDict()
@@ -152,8 +153,16 @@ class OnnxModule(nn.Module):
     def _session(self, size: tuple[int, ...]) -> tuple[object, list[str], str]:
         entry = self._sessions.pop(size, None)
         if entry is None:
-            with torch.inference_mode(False):  # the exporters trace; the caller may be in inference mode
-                entry = self._export(size)
+            try:
+                with torch.inference_mode(False):  # the exporters trace; the caller may be in inference mode
+                    entry = self._export(size)
+            except RuntimeError as error:
+                if not str(error).startswith("ONNX export of"):
+                    raise  # the module's own refusal of this input
+                # A size no exporter takes (a map smaller than adaptive pooling's output, say) runs in torch:
+                # optimize()'s default backend must never fail where the model itself runs.
+                warnings.warn(f"onnxruntime backend: inputs of size {size} run in PyTorch ({error})", stacklevel=3)
+                entry = (None, [], "torch")
             while len(self._sessions) >= SESSIONS:
                 self._sessions.popitem(last=False)
         self._sessions[size] = entry  # most recent last
@@ -161,6 +170,9 @@ class OnnxModule(nn.Module):
 
     def forward(self, x: torch.Tensor):
         session, names, kind = self._session(tuple(x.shape[1:]))
+        if session is None:
+            with torch.no_grad():
+                return self.module(x.to("cpu", torch.float32))
         try:
             arrays = session.run(None, {"input": x.detach().to("cpu", torch.float32).contiguous().numpy()})
         except Exception as error:  # noqa: BLE001 - onnxruntime's errors are its own pybind types

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .atomic import DiskFullError, is_disk_full
 from .paths import writable_folder
 
 try:
@@ -182,6 +181,8 @@ class OutputLock:
                 self._inode = os.fstat(fd).st_ino
             except BaseException as error:
                 os.unlink(self.path)  # a half-written lock of ours would be judged stale, then taken
+                from .atomic import DiskFullError, is_disk_full  # imports torch: not at the CLI's start
+
                 if is_disk_full(error):
                     raise DiskFullError(self.path, 4096, self.fix) from None
                 raise
