@@ -176,6 +176,9 @@ def detect(data: DataInput) -> str:
             raise FileNotFoundError(f"Data not found: {display_name(path)}")
         if path.is_dir() and any(not e.name.startswith(".") and e.is_dir() for e in path.iterdir()):
             return "folder"
+    if not isinstance(data, (list, tuple)) and Path(data).is_dir():
+        raise ValueError(f"{display_name(data)} holds no class folders, no WebDataset shards (*.tar) and no Hugging "
+                         f"Face dataset (save_to_disk files or *.parquet); tried {'; '.join(KINDS)}.")
     shown = display_name(str(data)) if not isinstance(data, (list, tuple)) else f"the {len(data)} paths given"
     raise ValueError(f"{shown} is none of the data kinds vggkit reads; tried {'; '.join(KINDS)}.")
 
