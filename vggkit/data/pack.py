@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,11 @@ def verify_pack(out: str | os.PathLike) -> list[str]:
         if len(scan.samples) != expected:
             problems.append(f"split {prefix}: {len(scan.samples)} readable images, {MANIFEST} says {expected}")
         if kind == "webdataset":
-            streamed = _streamed_count(splits[split])
+            try:
+                streamed = _streamed_count(splits[split])
+            except (OSError, ValueError, tarfile.TarError) as error:
+                problems.append(f"split {prefix}: webdataset cannot stream the shards ({error})")
+                continue
             if streamed != expected:
                 problems.append(f"split {prefix}: webdataset streams {streamed} samples, {MANIFEST} says {expected}")
     return problems

@@ -243,12 +243,15 @@ def index_shard(shard: str) -> tuple[list[tuple[TarMember, int]], list[tuple[str
     from webdataset.tariterators import base_plus_ext
 
     base, groups, skipped = os.path.basename(shard), {}, []
+    size = os.path.getsize(shard)
     try:
         with tarfile.open(shard, "r:") as tar:
             for info in tar:
                 key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
                 if key is None:
                     continue
+                if info.offset_data + info.size > size:
+                    raise tarfile.ReadError(f"truncated: {info.name} ends past the file's {size:,} bytes")
                 members = groups.setdefault(key, {})
                 members[ext.lower()] = info
                 if ext.lower() == "cls":
