@@ -228,3 +228,44 @@ def test_torchrun_splits_images_and_gives_one_process_results(data, tmp_path):
     assert a["paths"].tolist() == b["paths"].tolist() and np.array_equal(a["labels"], b["labels"])
     np.testing.assert_allclose(a["features"], b["features"], atol=1e-6)
     assert sorted(p.name for p in ddp.iterdir()) == ["features.npz", "pred.csv"]  # rank 0 alone wrote
+
+
+TRAIN = ["model.num_classes=3", "model.width=0.0625", "data.crop=32", "data.scale=36", "data.val_scale=36",
+         "data.workers=0", "optim.batch_size=4", "schedule.epochs=2", "run.precision='fp32'", "run.device='cpu'",
+         "run.max_batch_per_gpu=2"]
+
+
+def test_train_reads_shards_and_tables_as_the_folder_and_resumes_mid_epoch(tmp_path):
+    from vggkit.training.loop import train
+
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 4), ("val", 1)):
+        for label, name in enumerate(("n01", "n02", "n03")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (40, 44, 3))
+                pixels[..., label] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "tree" / split / name / f"{i}.jpg")
+    pack(tmp_path / "tree", tmp_path / "wds", "wds", shard_size="8KB", progress=False)
+    pack(tmp_path / "tree", tmp_path / "pq", "parquet", progress=False)
+    assert len(list((tmp_path / "wds").glob("train-*.tar"))) > 1
+    folder = train("A", tmp_path / "tree", tmp_path / "run_folder", overrides=TRAIN, progress=False)
+    for name in ("wds", "pq"):
+        other = train("A", tmp_path / name, tmp_path / f"run_{name}", overrides=TRAIN, progress=False)
+        assert other.step_losses == folder.step_losses and len(folder.step_losses) == 6
+        assert [r["val_loss"] for r in other.history] == [r["val_loss"] for r in folder.history]
+    stopped = train("A", tmp_path / "wds", tmp_path / "split", overrides=TRAIN + ["data.workers=2"],
+                    stop_after_steps=4, progress=False)
+    resumed = train(None, tmp_path / "wds", tmp_path / "split", resume=True, progress=False)
+    assert not stopped.completed and resumed.completed
+    assert stopped.step_losses + resumed.step_losses == folder.step_losses
+
+
+@pytest.mark.filterwarnings("ignore:Random weights")
+def test_finetune_reads_a_hugging_face_dataset_as_the_folder(data, tmp_path):
+    options = dict(num_classes=3, model="vgg11", weights=None, width=1 / 32, image_size=32, batch_size=4,
+                   num_workers=0, progress=False, epochs=1, strategy="full", optimizer="sgd", seed=0)
+    folder = vggkit.finetune(data["folder"], output_dir=tmp_path / "folder", **options)
+    table = vggkit.finetune(data["parquet"], output_dir=tmp_path / "parquet", **options)
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in table.history] == [r[key] for r in folder.history], key
