@@ -269,3 +269,23 @@ def test_finetune_reads_a_hugging_face_dataset_as_the_folder(data, tmp_path):
     table = vggkit.finetune(data["parquet"], output_dir=tmp_path / "parquet", **options)
     for key in ("train_loss", "val_loss"):
         assert [r[key] for r in table.history] == [r[key] for r in folder.history], key
+
+
+def test_predict_takes_shards_and_tables_as_their_samples(data):
+    from vggkit.evaluation.predict import predict_paths
+
+    model = tiny()
+    folder = predict_paths(model, [data["folder"]], precision="fp32", device="cpu")
+    for name in ("wds", "disk"):
+        other = predict_paths(model, [data[name]], precision="fp32", device="cpu")
+        assert len(other) == 7 and list(other.values()) == list(folder.values())
+    assert next(iter(predict_paths(model, [data["wds"]], precision="fp32", device="cpu"))).startswith("val-000000.tar:")
+
+
+def test_bench_row_reads_the_folder_shards_and_parquet():
+    from vggkit.bench._common import Settings
+    from vggkit.bench.sources import data_sources
+
+    rows = data_sources(Settings.quick(), lambda message: None)
+    assert len(rows) == 4 and [row.reference for row in rows] == [True, False, False, False]
+    assert all(row.images_per_s > 0 and row.task.startswith("(f)") for row in rows)

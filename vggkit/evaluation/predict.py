@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..data.folders import SeenFiles, image_files, report_skipped
 from ..data.images import ImageError, describe_non_file, load_image
 from ..data.preprocess import Preprocess
+from ..data.sources import detect, open_scan
 from ..models.vgg import VGG
 from ..runtime.engine import optimize
 from ..weights.factory import load
@@ -133,3 +134,11 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], l
         else:
             files.append(path)
     return files, skipped
+
+
+def _is_source(path: str) -> bool:
+    """True for WebDataset shards or a Hugging Face dataset (not a folder of images or an image file)."""
+    try:
+        return detect(path) != "folder"
+    except (ValueError, OSError):
+        return False
