@@ -112,11 +112,18 @@ def predict_paths(model_or_checkpoint: VGG | str | os.PathLike, paths: Sequence[
 def expand_image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files and folders -> (image files, each once, [(path, reason)] for what was left out).
 
-    A folder stands for the image files in it and its sub-folders; a file is taken as given
-    (its reading decides), and anything that is not a file or a folder is left out with what it is.
+    A folder stands for the image files in it and its sub-folders; WebDataset shards (a ``.tar``, a
+    folder of them, a brace pattern) and Hugging Face datasets for their samples (``data.sources``);
+    a file is taken as given (its reading decides), and anything that is not a file or a folder is
+    left out with what it is.
     """
     seen, files, skipped = SeenFiles(), [], []
     for path in map(str, paths):
+        if _is_source(path):
+            scan = open_scan(path)
+            files += [sample for sample, _ in scan.samples]
+            skipped += scan.skipped
+            continue
         if os.path.isdir(path):
             before = len(skipped)
             found = image_files(path, seen, skipped)
