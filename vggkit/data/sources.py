@@ -33,6 +33,7 @@ from ..utils.paths import display_name
 from .folders import (
     DataSplits,
     FolderScan,
+    list_folder,
     report_skipped,
     screen_headers,
     stratified_split,
@@ -166,6 +167,8 @@ def detect(data: DataInput) -> str:
     """"folder", "webdataset" or "huggingface"; anything else is one ``ValueError`` naming what was tried."""
     if isinstance(data, (list, tuple)) and len(data) == 1:
         data = data[0]
+    if not isinstance(data, (list, tuple)) and Path(data).is_dir():
+        list_folder(data)  # a folder that cannot be read is one error naming it, before anything looks inside
     if is_saved_dataset(data) or parquet_files(data):
         return "huggingface"
     if shard_list(data):
