@@ -95,7 +95,7 @@ def test_what_is_no_kind_is_one_line_naming_the_kinds_tried(data, tmp_path):
     for given in (tmp_path, tmp_path / "notes.txt"):
         with pytest.raises(ValueError, match=r"^[^\n]*tried a class-folder tree; WebDataset shards.*Hugging Face"):
             detect(given)
-    with pytest.raises(FileNotFoundError, match="Data not found"):
+    with pytest.raises(FileNotFoundError, match="Data folder not found"):
         detect(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="Shard not found"):
         open_scan(str(tmp_path / "val-{000000..000001}.tar"))
@@ -180,7 +180,7 @@ def test_pack_cli_writes_verifies_and_refuses_bad_input_in_one_line(data, tmp_pa
     for argv, message in [([str(data["folder"]), str(out)], "already exists"),
                           ([str(data["wds"]), str(tmp_path / "x")], "is not a class-folder tree"),
                           ([str(data["folder"]), str(tmp_path / "y"), "--shard-size", "lots"], "is not a size"),
-                          ([str(tmp_path / "missing"), str(tmp_path / "z")], "Data not found")]:
+                          ([str(tmp_path / "missing"), str(tmp_path / "z")], "Data folder not found")]:
         assert main(["pack", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -288,4 +288,4 @@ def test_bench_row_reads_the_folder_shards_and_parquet():
 
     rows = data_sources(Settings.quick(), lambda message: None)
     assert len(rows) == 4 and [row.reference for row in rows] == [True, False, False, False]
-    assert all(row.images_per_s > 0 and row.task.startswith("(f)") for row in rows)
+    assert all(row.images_per_s > 0 and row.task.startswith("(l)") for row in rows)

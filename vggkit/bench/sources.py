@@ -1,4 +1,4 @@
-"""Bench row (f): images/s reading and decoding a class folder, WebDataset shards and parquet, same workers.
+"""Bench row (l): images/s reading and decoding a class folder, WebDataset shards and parquet, same workers.
 
 The same JPEGs (500x375, ImageNet's typical size) are packed by ``vggkit.data.pack``; every reader
 decodes each image with ``load_image`` in DataLoader workers, so the rows differ only in how the bytes
@@ -81,7 +81,7 @@ def data_sources(settings: Settings, log) -> list[Row]:
     from ..data.sources import open_scan
 
     count = 4 * settings.pipeline_images
-    log(f"(f) reading {count} JPEGs from a class folder, shards and parquet, {WORKERS} workers each")
+    log(f"(l) reading {count} JPEGs from a class folder, shards and parquet, {WORKERS} workers each")
     with tempfile.TemporaryDirectory(prefix="vggkit-bench-") as folder:
         tree = write_photos(Path(folder) / "val", count)
         pack(tree, Path(folder) / "wds", "wds", shard_size="2MB", progress=False)
@@ -97,6 +97,6 @@ def data_sources(settings: Settings, log) -> list[Row]:
             images_per_second(dataset, count)
         rates = {how: max(images_per_second(dataset, count) for _ in range(max(1, settings.rounds)))
                  for how, dataset in readers.items()}
-    task = f"(f) reading data, {WORKERS} workers"
+    task = f"(l) reading data, {WORKERS} workers"
     return [Row(task, how, rate, None, batch=None, reference=i == 0, note=f"{count} 500x375 JPEGs, load_image decode")
             for i, (how, rate) in enumerate(rates.items())]

@@ -176,7 +176,7 @@ def detect(data: DataInput) -> str:
     if not isinstance(data, (list, tuple)):
         path = Path(data)
         if not path.exists():
-            raise FileNotFoundError(f"Data not found: {display_name(path)}")
+            raise FileNotFoundError(f"Data folder not found: {display_name(path)}")
         if path.is_dir() and any(not e.name.startswith(".") and e.is_dir() for e in path.iterdir()):
             return "folder"
     if not isinstance(data, (list, tuple)) and Path(data).is_dir():
