@@ -289,3 +289,35 @@ def test_bench_row_reads_the_folder_shards_and_parquet():
     rows = data_sources(Settings.quick(), lambda message: None)
     assert len(rows) == 4 and [row.reference for row in rows] == [True, False, False, False]
     assert all(row.images_per_s > 0 and row.task.startswith("(l)") for row in rows)
+
+
+def test_torchrun_training_from_shards_equals_one_process(tmp_path):
+    from vggkit.training.loop import train
+
+    rng = np.random.default_rng(4)
+    for split, count in (("train", 4), ("val", 1)):
+        for label, name in enumerate(("n01", "n02", "n03")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (40, 44, 3))
+                pixels[..., label] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "tree" / split / name / f"{i}.jpg")
+    pack(tmp_path / "tree", tmp_path / "wds", "wds", shard_size="8KB", progress=False)
+    overrides = [item for item in TRAIN if not item.startswith("run.max_batch")] + ["model.dropout=0",
+                                                                                    "schedule.epochs=1"]
+    single = train("A", tmp_path / "wds", tmp_path / "single", overrides=overrides, progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "vggkit.cli", "train", "--recipe", "A", "--data", str(tmp_path / "wds"), "--output",
+               str(tmp_path / "ddp"), "--no-progress"] + [arg for item in overrides for arg in ("--set", item)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+    import torch
+
+    a = torch.load(tmp_path / "single" / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "ddp" / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    row = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("val_top1_error", "val_loss", "train_loss"):
+        assert row[key] == pytest.approx(single.history[0][key], abs=1e-5)
