@@ -194,7 +194,8 @@ from vggkit.cli import main
 vggkit.runtime.onnx.onnxruntime_available = lambda: False  # torch runs the network (no export per input size)
 model, data, out = sys.argv[1:4]
 assert main(["evaluate", "--model", model, "--data", data, "--protocol", "center", "dense", "--scales", "224",
-             "--workers", "0", "--precision", "fp32", "--device", "cpu", "--csv", out + "/pred.csv",
+             "--batch-size", "3", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--csv",
+             out + "/pred.csv",
              "--no-progress"]) == 0
 assert main(["extract", data, "--model", model, "--layer", "pool5", "--scales", "64", "--flip", "--precision",
              "fp32", "--device", "cpu", "-o", out + "/features.npz", "--no-progress"]) == 0
