@@ -686,8 +686,8 @@ def _add_pack(subparsers: argparse._SubParsersAction) -> None:
                "  vggkit pack /data/imagenet/val /data/shards --format wds --shard-size 1GB\n"
                "  vggkit pack photos/ photos_parquet --format parquet\n"
                "  vggkit pack --verify /data/shards")
-    pack.add_argument("paths", nargs="+", metavar="SRC OUT", help="the class-folder tree and the new output folder "
-                                                                 "(with --verify: the output folder alone)")
+    pack.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT: the class-folder tree and the new output "
+                                                              "folder (with --verify: OUT alone)")
     pack.add_argument("--format", default="wds", choices=("wds", "parquet"), help="wds (default) or parquet")
     pack.add_argument("--shard-size", default="1GB", metavar="SIZE",
                       help="at most this much image data per shard or parquet file (default 1GB)")
