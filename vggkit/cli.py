@@ -345,20 +345,29 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="top-1/top-5 errors with the paper's test protocols (section 3.2, Tables 3-5)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate a model on a class-folder dataset (VAL_DIR/<class>/<images>; ImageNet val in wnid "
-                    "folders) with the paper's test protocols, all in one pass over the data:\n"
+                    "folders), WebDataset shards or a Hugging Face dataset with the paper's test protocols, all in "
+                    "one pass over the data:\n"
                     "  center           shortest side to 256, centre 224 crop (how torchvision reports)\n"
                     "  dense            fully-convolutional net on the whole image rescaled to each Q,\n"
                     "                   class score map averaged; softmax over the image and its flip\n"
                     "  multicrop        5x5 grid of 224 crops x 2 flips = 50 crops per Q\n"
                     "  dense+multicrop  the average of both (Table 5)\n"
                     "Softmax is averaged over the scales Q. Prints a table shaped like Table 5.",
-        epilog="example: vggkit evaluate --model vgg16 --weights imagenet --data /data/imagenet/val "
-               "--protocol dense multicrop dense+multicrop --scales 256 384 512")
+        epilog="examples:\n"
+               "  vggkit evaluate --model vgg16 --weights imagenet --data /data/imagenet/val "
+               "--protocol dense multicrop dense+multicrop --scales 256 384 512\n"
+               "  vggkit evaluate --model vgg16 --data '/data/shards/val-{000000..000049}.tar' --protocol center\n"
+               "  torchrun --nproc_per_node=8 -m vggkit.cli evaluate --model vgg16 --data /data/imagenet/val")
     evaluate.add_argument("--model", required=True,
                           help="model name (vgg16, D, vgg19_bn, ...) or a vggkit checkpoint file")
     evaluate.add_argument("--weights", help="for a model name: imagenet (default), caffe, timm, a weight file, or "
                                             "none (random init); a checkpoint brings its own")
-    evaluate.add_argument("--data", required=True, metavar="VAL_DIR", help="class-folder dataset to evaluate on")
+    evaluate.add_argument("--data", required=True, metavar="VAL_DIR",
+                          help="class-folder tree, WebDataset shards (a folder of .tar, or a brace pattern such as "
+                               "'val-{000000..000049}.tar'), or a Hugging Face dataset (save_to_disk folder or "
+                               ".parquet files)")
+    evaluate.add_argument("--classes", metavar="CLASSES.txt",
+                          help="shards' class names, one a line in label order (default: classes.txt beside them)")
     evaluate.add_argument("--protocol", nargs="+", default=["dense"], metavar="P", choices=PROTOCOLS,
                           help="one or more of center, dense, multicrop, dense+multicrop (default dense)")
     evaluate.add_argument("--scales", nargs="+", type=side_type, default=[256, 384, 512], metavar="Q",
@@ -377,12 +386,16 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation.evaluate import evaluate, load_model
+    from .utils.distributed import is_main, join_from_env
 
+    join_from_env()  # under torchrun: the images are split across the processes
     model = load_model(args.model, _weights_for(args.weights, args.model))
     result = evaluate(model, args.data, protocol=args.protocol, scales=args.scales, flip=not args.no_flip,
                       batch_size=args.batch_size, workers=args.workers, precision=args.precision,
                       device=args.device, predictions_csv=args.csv, progress=not args.no_progress,
-                      decode=args.decode)
+                      decode=args.decode, classes=args.classes)
+    if not is_main():
+        return 0
     print(result.table())
     if result.predictions_csv:
         print(f"\nPer-image predictions: {result.predictions_csv}")
@@ -493,9 +506,15 @@ def _add_extract(subparsers: argparse._SubParsersAction) -> None:
                     "averaged (--reduce mean) or stacked (--reduce stack) over scales.",
         epilog="examples:\n"
                "  vggkit extract photos/ --scales 256 384 512 --flip -o features.npz\n"
-               "  vggkit extract photos/ --model runs/model.pth --layer pool5 -o pool5.npz")
+               "  vggkit extract photos/ --model runs/model.pth --layer pool5 -o pool5.npz\n"
+               "  vggkit extract '/data/shards/val-{000000..000049}.tar' --layer pool5 -o val.npz\n"
+               "  torchrun --nproc_per_node=4 -m vggkit.cli extract /data/hf_val --layer fc7 -o val.npz")
     extract.add_argument("images", nargs="+", metavar="IMAGES",
-                         help="a folder of class folders (labels from them), a folder of images, or image files")
+                         help="a folder of class folders (labels from them), WebDataset shards (.tar files, a folder "
+                              "of them or a brace pattern), a Hugging Face dataset (save_to_disk folder or .parquet), "
+                              "a folder of images, or image files")
+    extract.add_argument("--classes", metavar="CLASSES.txt",
+                         help="shards' class names, one a line in label order (default: classes.txt beside them)")
     extract.add_argument("-o", "--output", default="features.npz", help="output .npz (default features.npz)")
     extract.add_argument("--model", default="vgg16", help="model name or a vggkit checkpoint (default vgg16)")
     extract.add_argument("--weights", help="for a model name: imagenet (default), caffe, timm, a weight file, or none "
@@ -519,14 +538,18 @@ def _add_extract(subparsers: argparse._SubParsersAction) -> None:
 
 def _extract(args: argparse.Namespace) -> int:
     from .features.extract import extract_to_file, summarise_names
+    from .utils.distributed import is_main, join_from_env
 
+    join_from_env()  # under torchrun: the images are split across the processes
     images = args.images[0] if len(args.images) == 1 else args.images
     features = extract_to_file(args.output, args.model, images, layer=args.layer, scales=args.scales,
                                flip=args.flip, reduce=None if args.reduce == "none" else args.reduce,
                                pool=None if args.maps else "avg", weights=_weights_for(args.weights, args.model),
                                width=args.width, batch_size=args.batch_size, precision=args.precision,
                                device=args.device, num_workers=args.workers, progress=not args.no_progress,
-                               decode=args.decode)
+                               decode=args.decode, classes=args.classes)
+    if not is_main():
+        return 0
     path = Path(args.output)
     print(f"{path}: features {tuple(features.features.shape)} from {len(features.paths)} image(s)"
           + (f", classes: {summarise_names(features.class_names)}" if features.class_names else ""))
@@ -649,6 +672,54 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pack(subparsers: argparse._SubParsersAction) -> None:
+    """``vggkit pack``."""
+    pack = subparsers.add_parser(
+        "pack", help="convert a class-folder tree into WebDataset shards or parquet files; --verify reads them back",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert the class-folder tree SRC (SRC/<class>/<images>, or SRC/train|val|test/<class>/...) "
+                    "into WebDataset shards (<split>-000000.tar: <key>.jpg|png + <key>.cls + <key>.json) or "
+                    "parquet files (image {bytes, path} and a ClassLabel label), with classes.txt and pack.json "
+                    "beside them. OUT is written under a temp name and renamed when complete. Unusable files are "
+                    "skipped and reported. --verify OUT checks the counts and decodes every image.",
+        epilog="examples:\n"
+               "  vggkit pack /data/imagenet/val /data/shards --format wds --shard-size 1GB\n"
+               "  vggkit pack photos/ photos_parquet --format parquet\n"
+               "  vggkit pack --verify /data/shards")
+    pack.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT: the class-folder tree and the new output "
+                                                              "folder (with --verify: OUT alone)")
+    pack.add_argument("--format", default="wds", choices=("wds", "parquet"), help="wds (default) or parquet")
+    pack.add_argument("--shard-size", default="1GB", metavar="SIZE",
+                      help="at most this much image data per shard or parquet file (default 1GB)")
+    pack.add_argument("--verify", action="store_true", help="read a pack back: counts and every image decoded")
+    _add_no_progress(pack)
+    pack.set_defaults(handler=_pack)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .data.pack import pack, verify_pack
+
+    if args.verify:
+        if len(args.paths) != 1:
+            raise ValueError("--verify takes one folder, the pack to check (vggkit pack --verify OUT).")
+        problems = verify_pack(args.paths[0])
+        for problem in problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        if problems:
+            print(f"vggkit pack: {args.paths[0]}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        print(f"{args.paths[0]}: every image reads; counts as pack.json says")
+        return 0
+    if len(args.paths) != 2:
+        raise ValueError("pack takes SRC and OUT (vggkit pack SRC OUT --format wds), or --verify OUT.")
+    result = pack(args.paths[0], args.paths[1], format=args.format, shard_size=args.shard_size,
+                  progress=not args.no_progress)
+    counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
+    print(f"{result.out}: {len(result.files)} {args.format} file(s); images: {counts}"
+          + (f"; {len(result.skipped)} file(s) skipped" if result.skipped else ""))
+    return 0
+
+
 def _add_app(subparsers: argparse._SubParsersAction) -> None:
     """``vggkit app``: no help of its own, so that ``vggkit app --help`` reaches the app's."""
     app = subparsers.add_parser("app", help="the Gradio app: how a VGG network sees (python app.py in a clone)",
@@ -674,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vggkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (_add_info, _add_train, _add_evaluate, _add_finetune, _add_extract, _add_predict, _add_bench,
-                        _add_export, _add_app):
+                        _add_export, _add_pack, _add_app):
         add_command(subparsers)
     return parser
 

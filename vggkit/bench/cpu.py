@@ -339,6 +339,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     """Run every section in this process; ``quick`` does less of each. Returns the rows with machine facts."""
     from ..runtime.engine import choose_runtime
     from .perceptual import perceptual_rows
+    from .sources import data_sources
 
     log = log or (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     settings = Settings.quick() if quick else Settings()
@@ -367,6 +368,7 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     peaks.measure()
     rows += head_finetuning(vgg, settings, log)
     rows += data_pipeline(settings, log)
+    rows += data_sources(settings, log)
     peaks.measure()
     rows += perceptual_rows(settings, log)
     return BenchResult(machine, dict(peaks.gflops), _finish(rows, peaks.gflops), rss, time.perf_counter() - start)

@@ -17,6 +17,7 @@ less than 1 level on average (PIL's bilinear filter works in fixed point on uint
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from ..utils.limits import over_limit
-from .images import ImageError, check_rescaled, load_image, rescaled_wh
+from .images import EncodedImage, ImageError, check_rescaled, load_image, rescaled_wh
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -39,16 +40,21 @@ EXIF_ORIENTATION = 0x0112
 Source = str | os.PathLike | Image.Image | np.ndarray
 
 
-def is_plain_jpeg(path: str | os.PathLike) -> bool:
+def is_plain_jpeg(path: str | os.PathLike | bytes) -> bool:
     """True for a JPEG that decode_jpeg reads as ``load_image`` would: YCbCr or grey, upright, within the pixel limit.
 
-    CMYK JPEGs (nvJPEG cannot read them), EXIF-rotated ones (decode_jpeg ignores the
-    tag) and oversized ones go through ``load_image`` instead.
+    ``path``: a file, or the encoded bytes themselves. CMYK JPEGs (nvJPEG cannot read them),
+    EXIF-rotated ones (decode_jpeg ignores the tag) and oversized ones go through ``load_image`` instead.
     """
     try:
-        with open(path, "rb") as f:
-            if f.read(2) != JPEG_MAGIC:
+        if isinstance(path, bytes):
+            if path[:2] != JPEG_MAGIC:
                 return False
+            path = io.BytesIO(path)
+        else:
+            with open(path, "rb") as f:
+                if f.read(2) != JPEG_MAGIC:
+                    return False
         with Image.open(path) as image:  # reads the header only
             width, height = image.size
             return (image.format == "JPEG" and image.mode in ("RGB", "L")
@@ -63,7 +69,14 @@ def read_source(source: Source) -> torch.Tensor:
 
     Raises ``ImageError`` (as ``load_image`` does) for what is not a readable image.
     """
-    if isinstance(source, (str, os.PathLike)) and is_plain_jpeg(source):
+    if isinstance(source, EncodedImage):
+        try:
+            data = source.read_bytes()
+        except OSError:
+            data = b""  # load_image names the reason
+        if is_plain_jpeg(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    elif isinstance(source, (str, os.PathLike)) and is_plain_jpeg(source):
         try:
             with open(source, "rb") as f:
                 return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)

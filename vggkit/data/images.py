@@ -8,6 +8,7 @@ and refuses what is not an image, or is a decompression bomb, with a clear messa
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import stat
@@ -31,6 +32,20 @@ class ImageError(ValueError):
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path, self.reason = str(path), reason
         super().__init__(f"{display_name(path)}: {reason}")  # a newline in a name must not split the message
+
+
+class EncodedImage(str):
+    """An image stored inside a container (a tar shard's member, a table's row): a ``str`` whose value is
+    the name it is shown by (``val-000003.tar:n01440764_123.jpg``), and which reads its encoded bytes.
+
+    Being a ``str``, it travels where a file path does ((name, label) samples, CSV rows, sorting,
+    pickling to loader workers); ``load_image`` decodes it with every check a file gets. Subclasses
+    (``vggkit.data.sources``) implement ``read_bytes``.
+    """
+
+    def read_bytes(self) -> bytes:
+        """The encoded image (JPEG, PNG, WebP, ...); ``OSError`` when it cannot be read."""
+        raise NotImplementedError
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -66,15 +81,28 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, max_pixels:
     if isinstance(source, Image.Image):
         _check_pixels(source, "<image>", max_pixels)
         return to_rgb(ImageOps.exif_transpose(source) or source)
+    if isinstance(source, EncodedImage):
+        try:
+            data = source.read_bytes()
+        except OSError as error:
+            raise ImageError(source, f"cannot be read ({error.strerror or error})") from None
+        if not data:
+            raise ImageError(source, EMPTY_FILE)
+        return _decode(io.BytesIO(data), source, max_pixels)
     path = Path(source)
     not_a_file = describe_non_file(path)
     if not_a_file:  # never open a FIFO or a device: the read would block or never end
         raise ImageError(path, not_a_file)
+    return _decode(path, path, max_pixels)
+
+
+def _decode(file, path, max_pixels: int | None) -> Image.Image:
+    """``file`` (a path or a binary file object) -> upright RGB; errors name ``path``."""
     try:
         with warnings.catch_warnings():
             # vggkit's own limit (checked next, from the header) decides; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 _check_pixels(image, path, max_pixels)
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
@@ -91,12 +119,20 @@ def check_header(path: str | os.PathLike) -> str | None:
     """None when ``path`` opens as an image within the pixel limit, judged from its header alone (no pixel
     is decoded: ~0.1 ms a file); else the reason ``load_image`` would give. A file whose pixel data is
     truncated passes: only decoding finds that."""
-    if os.path.getsize(path) == 0:  # PIL would open it only to fail; a size needs no open
+    file = path
+    if isinstance(path, EncodedImage):
+        try:
+            file = io.BytesIO(path.read_bytes())
+        except OSError as error:
+            return f"cannot be read ({error.strerror or error})"
+        if not file.getbuffer().nbytes:
+            return EMPTY_FILE
+    elif os.path.getsize(path) == 0:  # PIL would open it only to fail; a size needs no open
         return EMPTY_FILE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 _check_pixels(image, path, None)
     except ImageError as error:
         return error.reason

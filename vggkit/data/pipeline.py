@@ -14,14 +14,13 @@ import time
 import warnings
 from itertools import islice
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .batch_augment import colour_shift, draw_crops, resample_crops
-from .device_decode import decode_jpegs, is_plain_jpeg
+from .device_decode import decode_jpegs, read_source
 from .folders import ImageListDataset
-from .images import ImageError, load_image
+from .images import ImageError
 from .transforms import PCA_EIGVAL, PCA_EIGVEC, TrainTransform
 
 
@@ -132,11 +131,7 @@ class EncodedImages(Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                if is_plain_jpeg(path):  # the same test as evaluation's device decoding
-                    with open(path, "rb") as f:
-                        encoded = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-                else:
-                    encoded = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+                encoded = read_source(path)  # the same test as evaluation's device decoding (is_plain_jpeg)
                 return encoded.contiguous(), label, sample_seed(self.seed, epoch, index), path
             except (OSError, ImageError) as error:
                 warnings.warn(f"Skipping unreadable image {path}: {error}", stacklevel=2)

@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.device_decode import decode_on_device, read_source
-from ..data.folders import FolderScan, report_skipped, scan_folder
+from ..data.folders import FolderScan, report_skipped
+from ..data.sources import DataInput, detect, open_scan
 from ..data.images import ImageError, load_image
 from ..models.configs import resolve
 from ..models.vgg import VGG
 from ..runtime.engine import LONG_JOB_IMAGES
 from ..utils.atomic import DiskFullError, is_disk_full
 from ..utils.checks import RANDOM_INIT_SEED, check_int
+from ..utils.distributed import gather, is_main, rank_and_world, rank_device, rank_indices
 from ..utils.choices import DECODERS, PROTOCOLS, RELEASES
 from ..utils.paths import looks_like_a_path, writable_file
 from ..weights.checkpoint import check_checkpoint_file, check_weights_name
@@ -174,55 +176,63 @@ def _names(names: Sequence[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def match_classes(model: nn.Module, data_dir: str | os.PathLike) -> FolderScan:
-    """Scan ``data_dir/<class>/<images>`` with labels in the model's output order.
+def match_classes(model: nn.Module, data_dir: DataInput, classes: str | os.PathLike | None = None) -> FolderScan:
+    """Scan ``data_dir`` (class folders, WebDataset shards or a Hugging Face dataset: ``data.sources``)
+    with labels in the model's output order.
 
-    A model with ``class_names`` must have exactly the folder's classes (in any order);
-    otherwise the folders, sorted, are taken as the output order (ImageNet val in
-    wnid folders sorted is torchvision's order), so their count must be the model's.
+    A model with ``class_names`` must have exactly the data's classes (in any order);
+    otherwise the data's classes (folders sorted; shards' and datasets' label order) are
+    taken as the output order (ImageNet val in wnid folders sorted is torchvision's order),
+    so their count must be the model's. ``classes``: a file naming shards' classes, one a line.
     """
     vgg = as_vgg(model)
-    scan = scan_folder(data_dir)
+    folders = detect(data_dir) == "folder"
+    unit, where = ("class folders", "folders") if folders else ("classes", "data")
+    scan = open_scan(data_dir, classes=classes, num_classes=vgg.num_classes)
     names = vgg.class_names
     if names:
-        if sorted(names) != scan.classes:
+        if sorted(names) != sorted(scan.classes):
             only_model = sorted(set(names) - set(scan.classes))
             only_folder = sorted(set(scan.classes) - set(names))
             raise ValueError(
-                f"The model's classes do not match the class folders of {scan.root}.\n"
+                f"The model's classes do not match the {unit} of {scan.root}.\n"
                 f"  model ({len(names)}): {_names(list(names))}\n"
-                f"  folders ({len(scan.classes)}): {_names(scan.classes)}\n"
+                f"  {where} ({len(scan.classes)}): {_names(scan.classes)}\n"
                 f"  only in the model: {_names(only_model) or '-'}; "
-                f"only in the folders: {_names(only_folder) or '-'}.\n"
-                f"Evaluate on a folder with one sub-folder per model class.")
+                f"only in the {where}: {_names(only_folder) or '-'}.\n"
+                f"Evaluate on data with one class (a sub-folder, or a label) per model class.")
         output_index = {name: i for i, name in enumerate(names)}
         scan = FolderScan(scan.root, list(names),
                           [(path, output_index[scan.classes[label]]) for path, label in scan.samples], scan.skipped)
     elif len(scan.classes) != vgg.num_classes:
         raise ValueError(
-            f"The model has {vgg.num_classes} outputs but {scan.root} has {len(scan.classes)} class folders "
-            f"({_names(scan.classes)}). Evaluate on a folder with one sub-folder per output class, "
+            f"The model has {vgg.num_classes} outputs but {scan.root} has {len(scan.classes)} {unit} "
+            f"({_names(scan.classes)}). Evaluate on data with one class per output, "
             f"or load weights made for these classes.")
     if not scan.samples:
-        raise ValueError(f"No images in {scan.root}: its {len(scan.classes)} class folders hold no image files "
-                         f"(expected {scan.root}/<class>/<image>.jpg).")
+        raise ValueError(f"No images in {scan.root}: its {len(scan.classes)} {unit} hold no image files "
+                         f"(expected {scan.root}/<class>/<image>.jpg, or shards or a dataset of labelled images).")
     return scan
 
 
 class ViewsDataset(Dataset):
     """(path, label) samples -> {"index", "label", "center", "scaled"}, or {"index", "label", "error"}.
 
+    ``indices``: the samples this dataset serves, in order (default all; a torchrun rank's share).
     An unreadable file is returned as an error, to be reported and left out of the
     errors, never replaced by another image.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], views: ProtocolViews) -> None:
+    def __init__(self, samples: list[tuple[str, int]], views: ProtocolViews,
+                 indices: Sequence[int] | None = None) -> None:
         self.samples, self.views = samples, views
+        self.indices = range(len(samples)) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
         path, label = self.samples[index]
         try:
             return {"index": index, "label": label, **self.views(load_image(path))}
@@ -234,16 +244,18 @@ class EncodedDataset(Dataset):
     """(path, label) samples -> {"index", "label", "data"} for ``decode_on_device``, or {"index", "label", "error"}.
 
     Workers only read the files (JPEGs as their bytes); what decode_jpeg cannot read
-    is decoded here with PIL (``device_decode.read_source``).
+    is decoded here with PIL (``device_decode.read_source``). ``indices`` as ``ViewsDataset``'s.
     """
 
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
+    def __init__(self, samples: list[tuple[str, int]], indices: Sequence[int] | None = None) -> None:
         self.samples = samples
+        self.indices = range(len(samples)) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
         path, label = self.samples[index]
         try:
             return {"index": index, "label": label, "data": read_source(path)}
@@ -295,6 +307,22 @@ class TopK:
     def top1_error(self) -> float:
         return 100.0 * self.top1_wrong / max(1, len(self.labels))
 
+    @classmethod
+    def merged(cls, parts: list["TopK"]) -> "TopK":
+        """The tallies of several ranks as one, in sample order."""
+        whole = cls(parts[0].k)
+        indices = [i for part in parts for i in part.indices]
+        if not indices:
+            return whole
+        order = torch.tensor(indices).argsort()
+        whole.indices = [indices[i] for i in order.tolist()]
+        whole.labels = [label for part in parts for label in part.labels]
+        whole.labels = [whole.labels[i] for i in order.tolist()]
+        whole.classes = [torch.cat([c for part in parts for c in part.classes])[order]]
+        whole.probabilities = [torch.cat([p for part in parts for p in part.probabilities])[order]]
+        whole.top1_wrong = sum(part.top1_wrong for part in parts)
+        return whole
+
     def result(self, protocol: str, scales: tuple[int, ...], class_names: list[str],
                seconds: float) -> ProtocolResult:
         top, labels = torch.cat(self.classes), torch.tensor(self.labels)
@@ -307,12 +335,15 @@ class TopK:
                               n, per_class, seconds, self.k)
 
 
-def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequence[str] = "dense",
+def evaluate(model: nn.Module, data_dir: DataInput, protocol: str | Sequence[str] = "dense",
              scales: int | Sequence[int] = PAPER_SCALES, flip: bool = True, batch_size: int | None = None,
              workers: int | None = None, precision: str = "auto", device: str | torch.device | None = None,
              predictions_csv: str | os.PathLike | None = None, progress: bool = True, decode: str = "auto",
-             compile: bool | str = "auto") -> EvaluationResult:
-    """Evaluate ``model`` on a class-folder dataset with the paper's protocols (section 3.2).
+             compile: bool | str = "auto", classes: str | os.PathLike | None = None) -> EvaluationResult:
+    """Evaluate ``model`` on a dataset with the paper's protocols (section 3.2).
+
+    ``data_dir``: a class-folder tree, WebDataset shards (a brace pattern, a list, a folder of
+    ``.tar``) or a Hugging Face dataset (``data.sources``; ``classes`` names shards' classes).
 
     ``protocol``: "center", "dense", "multicrop", "dense+multicrop", or a list of them,
     all computed in one pass. ``scales``: the test scales Q of dense and multi-crop
@@ -328,6 +359,11 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
     rest) or "auto" (device on CUDA, else PIL). ``predictions_csv`` writes every
     image's top-5 per protocol, row by row as the pass goes, into ``<predictions_csv>.partial``, renamed
     to ``predictions_csv`` when the pass completes. Returns an ``EvaluationResult`` (errors in %).
+
+    Under an initialised process group (``torchrun``) each rank evaluates every world-size-th
+    image (on CUDA its own GPU, ``cuda:LOCAL_RANK``), the tallies are gathered, and every rank
+    returns the one-process result; only rank 0 writes the CSV (every image once, in dataset order)
+    and warns.
     """
     protocols = check_protocols(protocol)
     scales = check_scales(scales)
@@ -337,70 +373,135 @@ def evaluate(model: nn.Module, data_dir: str | os.PathLike, protocol: str | Sequ
         check_int("workers", workers, 0)
     if decode not in DECODERS:
         raise ValueError(f"Unknown decode {decode!r}; choose from {', '.join(DECODERS)}.")
-    if predictions_csv is not None:
+    if predictions_csv is not None and is_main():
         writable_file(predictions_csv, example="predictions.csv")  # before the pass, not after it
-    scan = match_classes(model, data_dir)
-    report_skipped(scan.skipped)
+    scan = match_classes(model, data_dir, classes)
+    if is_main():
+        report_skipped(scan.skipped)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     long_job = len(scan.samples) >= LONG_JOB_IMAGES
-    with inference_networks(model, precision, device, compile, long_job) as nets:
+    with inference_networks(model, precision, rank_device(device), compile, long_job) as nets:
         if any(p in ("dense", "dense+multicrop") for p in protocols):
             nets.require_dense()  # before reading any image
+        plan = PassPlan.make(nets, protocols, scales, batch_size, decode)
+        run = run_pass(nets, scan, plan, protocols, flip, workers, predictions_csv, progress)
+        runtime = nets.runtime.describe()
+    run = gather_pass(run, scan, plan, protocols, predictions_csv)
+    if is_main():
+        report_skipped(run.failed)
+    if not run.tallies[protocols[0]].labels:
+        raise ValueError(f"None of the {len(scan.samples)} images in {scan.root} could be read.")
+    network_seconds = run.network_seconds
+    shared = max(0.0, run.wall - sum(network_seconds.values()))
+    network_seconds["dense+multicrop"] = network_seconds["dense"] + network_seconds["multicrop"]
+    results = {p: run.tallies[p].result(p, (plan.preprocess.resize_size,) if p == "center" else scales,
+                                        scan.classes, network_seconds[p] + shared)
+               for p in protocols}
+    return EvaluationResult(results, as_vgg(model).name, scan.root, scan.classes, flip, runtime, run.wall,
+                            scan.skipped + run.failed, run.csv_path)
+
+
+@dataclass
+class PassPlan:
+    """How one pass reads: crops per forward pass, images per window, the views made, where decoding runs."""
+
+    batch_size: int
+    window: int
+    view_scales: tuple[int, ...]
+    center: object  # the preprocessing whose centre crop is made, or None
+    decode_here: bool
+    preprocess: object
+
+    @classmethod
+    def make(cls, nets: InferenceNetworks, protocols: list[str], scales: tuple[int, ...], batch_size: int | None,
+             decode: str) -> "PassPlan":
         preprocess, on_device = nets.preprocess, nets.runtime.device
         # On the CPU a dense or multi-crop pass of one image already keeps every core busy, so by default
         # its window is one image: the progress bar moves per image (a window of 16 full-size images at
         # three scales would leave it still for a minute). A batch_size given is honoured.
         cpu_one_by_one = batch_size is None and on_device.type != "cuda"
         batch_size = batch_size or (256 if on_device.type == "cuda" else 50)
-        view_scales, center = (scales if protocols != ["center"] else ()), preprocess if "center" in protocols else None
+        view_scales = tuple(scales) if protocols != ["center"] else ()
+        center = preprocess if "center" in protocols else None
         decode_here = decode == "device" or (decode == "auto" and on_device.type == "cuda")
-        dataset = (EncodedDataset(scan.samples) if decode_here
-                   else ViewsDataset(scan.samples, ProtocolViews(view_scales, center)))
         # A window of images: centre crops, dense buckets of one size and multi-crop's crops batch across
         # its images. batch_size of them where workers hold only files' bytes or centre crops; fewer where
         # they hold every rescaled view (PIL: ~2 MB an image at three scales, prefetched by every worker).
         window = (batch_size if protocols == ["center"] else 1 if cpu_one_by_one
                   else batch_size if decode_here else min(batch_size, PIL_WINDOW))
-        loader = DataLoader(dataset, batch_size=window, num_workers=workers, collate_fn=as_list,
-                            pin_memory=on_device.type == "cuda")
-        k = min(TOP_K, nets.num_classes)
-        tallies = {p: TopK(k) for p in protocols}
-        network_seconds = dict.fromkeys(("center", "dense", "multicrop"), 0.0)
-        failed: list[tuple[str, str]] = []
-        csv_out = (PredictionsCsv(predictions_csv, scan, k, len(scan.samples) * len(protocols))
-                   if predictions_csv is not None else None)
-        start = time.perf_counter()
-        with tqdm(total=len(scan.samples), unit="img", desc="evaluate", disable=not progress) as bar, \
-                csv_out if csv_out else contextlib.nullcontext():
-            for loaded in loader:
-                if decode_here:
-                    loaded = decode_batch(loaded, scan.samples, on_device, view_scales, center)
-                failed += [(scan.samples[it["index"]][0], it["error"]) for it in loaded if "error" in it]
-                batch = [it for it in loaded if "error" not in it]
-                if batch:
-                    probabilities = batch_probabilities(nets, batch, protocols, flip, batch_size, network_seconds)
-                    indices, labels = [it["index"] for it in batch], [it["label"] for it in batch]
-                    for p in protocols:
-                        tallies[p].add(indices, labels, probabilities[p])
-                        if csv_out:
-                            csv_out.write(p, indices, labels, probabilities[p])
-                    bar.set_postfix({"top-1 err": f"{tallies[protocols[0]].top1_error:.1f}%"})
-                bar.update(len(loaded))
-        wall = time.perf_counter() - start
-        runtime = nets.runtime.describe()
+        return cls(batch_size, window, view_scales, center, decode_here, preprocess)
 
-    report_skipped(failed)
-    if not tallies[protocols[0]].labels:
-        raise ValueError(f"None of the {len(scan.samples)} images in {scan.root} could be read.")
-    shared = max(0.0, wall - sum(network_seconds.values()))
-    network_seconds["dense+multicrop"] = network_seconds["dense"] + network_seconds["multicrop"]
-    results = {p: tallies[p].result(p, (preprocess.resize_size,) if p == "center" else scales, scan.classes,
-                                    network_seconds[p] + shared)
-               for p in protocols}
-    csv_path = csv_out.path if csv_out else None
-    return EvaluationResult(results, as_vgg(model).name, scan.root, scan.classes, flip, runtime, wall,
-                            scan.skipped + failed, csv_path)
+
+@dataclass
+class PassTallies:
+    """What a pass (or this rank's share of it) found: top-k per protocol, unreadable files, times."""
+
+    tallies: dict[str, TopK]
+    failed: list[tuple[str, str]]
+    failed_indices: list[int]
+    network_seconds: dict[str, float]
+    wall: float
+    csv_path: Path | None = None
+
+
+def run_pass(nets: InferenceNetworks, scan: FolderScan, plan: PassPlan, protocols: list[str], flip: bool,
+             workers: int, predictions_csv: str | os.PathLike | None, progress: bool) -> PassTallies:
+    """This rank's share of ``scan`` (all of it alone) through every protocol; alone, the CSV is written as it goes."""
+    on_device = nets.runtime.device
+    mine = rank_indices(len(scan.samples))
+    alone = rank_and_world()[1] == 1
+    dataset = (EncodedDataset(scan.samples, mine) if plan.decode_here
+               else ViewsDataset(scan.samples, ProtocolViews(plan.view_scales, plan.center), mine))
+    loader = DataLoader(dataset, batch_size=plan.window, num_workers=workers, collate_fn=as_list,
+                        pin_memory=on_device.type == "cuda")
+    k = min(TOP_K, nets.num_classes)
+    run = PassTallies({p: TopK(k) for p in protocols}, [], [], dict.fromkeys(("center", "dense", "multicrop"), 0.0),
+                      0.0)
+    csv_out = (PredictionsCsv(predictions_csv, scan, k, len(scan.samples) * len(protocols))
+               if predictions_csv is not None and alone else None)
+    start = time.perf_counter()
+    with tqdm(total=len(mine), unit="img", desc="evaluate", disable=not progress or not is_main()) as bar, \
+            csv_out if csv_out else contextlib.nullcontext():
+        for loaded in loader:
+            if plan.decode_here:
+                loaded = decode_batch(loaded, scan.samples, on_device, plan.view_scales, plan.center)
+            run.failed += [(scan.samples[it["index"]][0], it["error"]) for it in loaded if "error" in it]
+            run.failed_indices += [it["index"] for it in loaded if "error" in it]
+            batch = [it for it in loaded if "error" not in it]
+            if batch:
+                probabilities = batch_probabilities(nets, batch, protocols, flip, plan.batch_size,
+                                                    run.network_seconds)
+                indices, labels = [it["index"] for it in batch], [it["label"] for it in batch]
+                for p in protocols:
+                    run.tallies[p].add(indices, labels, probabilities[p])
+                    if csv_out:
+                        csv_out.write(p, indices, labels, probabilities[p])
+                bar.set_postfix({"top-1 err": f"{run.tallies[protocols[0]].top1_error:.1f}%"})
+            bar.update(len(loaded))
+    run.wall = time.perf_counter() - start
+    run.csv_path = csv_out.path if csv_out else None
+    return run
+
+
+def gather_pass(run: PassTallies, scan: FolderScan, plan: PassPlan, protocols: list[str],
+                predictions_csv: str | os.PathLike | None) -> PassTallies:
+    """Alone: ``run``. Under a process group: every rank's tallies merged in sample order (the times the
+    slowest rank's), and rank 0 writes the CSV as one process would have, window by window."""
+    if rank_and_world()[1] == 1:
+        return run
+    parts = gather(run)
+    failed = sorted((i, item) for part in parts for i, item in zip(part.failed_indices, part.failed))
+    seconds = {name: max(part.network_seconds[name] for part in parts) for name in run.network_seconds}
+    merged = PassTallies({p: TopK.merged([part.tallies[p] for part in parts]) for p in protocols},
+                         [item for _, item in failed], [i for i, _ in failed], seconds,
+                         max(part.wall for part in parts))
+    if predictions_csv is not None and is_main():
+        k = merged.tallies[protocols[0]].k
+        with PredictionsCsv(predictions_csv, scan, k, len(scan.samples) * len(protocols)) as csv_out:
+            csv_out.write_in_order(merged.tallies, protocols, plan.window, len(scan.samples))
+        merged.csv_path = csv_out.path
+    return merged
 
 
 def batch_probabilities(nets: InferenceNetworks, batch: list[dict], protocols: list[str], flip: bool,
@@ -471,10 +572,15 @@ class PredictionsCsv:
     def write(self, protocol: str, indices: list[int], labels: list[int], probabilities: torch.Tensor) -> None:
         """One batch of one protocol: sample indices, true labels, softmax (N, classes)."""
         top = probabilities.topk(self.k, dim=-1)
-        for index, label, classes, values in zip(indices, labels, top.indices.tolist(), top.values.tolist()):
-            cells = [self.scan.samples[index][0], protocol, self.scan.classes[label], int(classes[0] == label),
-                     int(label in classes)]
-            for c, probability in zip(classes, values):
+        self.write_top(protocol, indices, labels, top.indices.tolist(), top.values.tolist())
+
+    def write_top(self, protocol: str, indices: list[int], labels: list[int], classes: list[list[int]],
+                  values: list[list[float]]) -> None:
+        """Rows of one protocol from the top-k classes and probabilities (N lists of k) of each sample."""
+        for index, label, top_classes, top_values in zip(indices, labels, classes, values):
+            cells = [self.scan.samples[index][0], protocol, self.scan.classes[label], int(top_classes[0] == label),
+                     int(label in top_classes)]
+            for c, probability in zip(top_classes, top_values):
                 cells += [self.scan.classes[c], f"{probability:.6f}"]
             try:
                 self.writer.writerow(cells)
@@ -485,3 +591,18 @@ class PredictionsCsv:
             self.file.flush()
         except OSError as error:
             self._disk_full(error)
+
+    def write_in_order(self, tallies: dict[str, TopK], protocols: list[str], window: int, count: int) -> None:
+        """Every row of merged ``tallies`` in one process's order: window by window of the ``count`` samples,
+        each protocol's rows of the window's readable samples."""
+        position = {p: 0 for p in protocols}
+        columns = {p: (tallies[p].indices, tallies[p].labels, torch.cat(tallies[p].classes).tolist(),
+                       torch.cat(tallies[p].probabilities).tolist()) for p in protocols if tallies[p].indices}
+        for end in range(window, count + window, window):
+            for p in columns:
+                indices, labels, classes, values = columns[p]
+                start = stop = position[p]
+                while stop < len(indices) and indices[stop] < end:
+                    stop += 1
+                self.write_top(p, indices[start:stop], labels[start:stop], classes[start:stop], values[start:stop])
+                position[p] = stop

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..data.folders import SeenFiles, image_files, report_skipped
 from ..data.images import ImageError, describe_non_file, load_image
 from ..data.preprocess import Preprocess
+from ..data.sources import detect, open_scan
 from ..models.vgg import VGG
 from ..runtime.engine import optimize
 from ..weights.factory import load
@@ -111,11 +112,18 @@ def predict_paths(model_or_checkpoint: VGG | str | os.PathLike, paths: Sequence[
 def expand_image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files and folders -> (image files, each once, [(path, reason)] for what was left out).
 
-    A folder stands for the image files in it and its sub-folders; a file is taken as given
-    (its reading decides), and anything that is not a file or a folder is left out with what it is.
+    A folder stands for the image files in it and its sub-folders; WebDataset shards (a ``.tar``, a
+    folder of them, a brace pattern) and Hugging Face datasets for their samples (``data.sources``);
+    a file is taken as given (its reading decides), and anything that is not a file or a folder is
+    left out with what it is.
     """
     seen, files, skipped = SeenFiles(), [], []
     for path in map(str, paths):
+        if _is_source(path):
+            scan = open_scan(path)
+            files += [sample for sample, _ in scan.samples]
+            skipped += scan.skipped
+            continue
         if os.path.isdir(path):
             before = len(skipped)
             found = image_files(path, seen, skipped)
@@ -133,3 +141,11 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> tuple[list[str], l
         else:
             files.append(path)
     return files, skipped
+
+
+def _is_source(path: str) -> bool:
+    """True for WebDataset shards or a Hugging Face dataset (not a folder of images or an image file)."""
+    try:
+        return detect(path) != "folder"
+    except (ValueError, OSError):
+        return False

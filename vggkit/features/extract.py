@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
 from ..data.device_decode import decode_on_device, read_source, resize_all
 from ..data.folders import SeenFiles, image_files, report_skipped, scan_folder
 from ..data.images import ImageError, load_image
+from ..data.sources import detect, open_scan, parquet_files, shard_list
 from ..data.transforms import EvalTransform
 from ..models.backbone import VGGBackbone
 from ..models.vgg import VGG, check_layers
@@ -32,6 +33,7 @@ from ..runtime.engine import LONG_JOB_IMAGES, optimize
 from ..utils.atomic import atomic_write
 from ..utils.checks import RANDOM_INIT_SEED, ArgumentError, check_int, check_sides
 from ..utils.choices import DECODERS
+from ..utils.distributed import gather, is_main, rank_device, rank_indices
 from ..utils.lock import OutputLock
 from ..utils.paths import display_name, looks_like_a_path, writable_file
 from ..weights.factory import create_model, load
@@ -178,8 +180,14 @@ def summarise_names(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tuple[str, str]]]:
-    """A class-folder tree, a flat folder of images, or a list of files/images -> (sources, labels, class names, skipped)."""
+def resolve_images(images_or_dir, classes: str | os.PathLike | None = None
+                   ) -> tuple[list, np.ndarray, list[str], list[tuple[str, str]]]:
+    """A class-folder tree, WebDataset shards, a Hugging Face dataset (``data.sources``), a flat folder of
+    images, or a list of files/images -> (sources, labels, class names, skipped)."""
+    if _is_data_source(images_or_dir):
+        scan = open_scan(images_or_dir, classes=classes)
+        paths = [path for path, _ in scan.samples]
+        return paths, np.array([label for _, label in scan.samples], dtype=np.int64), scan.classes, scan.skipped
     if isinstance(images_or_dir, (str, os.PathLike)) and Path(images_or_dir).is_dir():
         root = Path(images_or_dir)
         if any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir()):
@@ -193,6 +201,20 @@ def resolve_images(images_or_dir) -> tuple[list, np.ndarray, list[str], list[tup
         images_or_dir = [images_or_dir]
     sources = list(images_or_dir)
     return sources, np.full(len(sources), -1, dtype=np.int64), [], []
+
+
+def _is_data_source(images_or_dir) -> bool:
+    """True for WebDataset shards or a Hugging Face dataset (a path, a pattern or a list of .tar/.parquet)."""
+    if isinstance(images_or_dir, (list, tuple)):
+        if not all(isinstance(item, (str, os.PathLike)) for item in images_or_dir):
+            return False
+        return bool(shard_list(images_or_dir) or parquet_files(images_or_dir))
+    if not isinstance(images_or_dir, (str, os.PathLike)):
+        return False
+    try:
+        return detect(images_or_dir) != "folder"
+    except (ValueError, OSError):
+        return False
 
 
 def _describe(source) -> str:
@@ -218,6 +240,7 @@ def extract_features(
     progress: bool = True,
     decode: str = "auto",
     compile: bool | str = "auto",
+    classes: str | os.PathLike | None = None,
 ) -> Features:
     """Features of ``layer`` for every image, batched through ``vggkit.runtime``.
 
@@ -232,9 +255,14 @@ def extract_features(
     ``model_or_name``: a VGG, a vggkit checkpoint path, or a model name built with ``weights``
     (default ``"imagenet"``; offline that raises ``WeightsUnavailableError``; ``None``: random
     weights from ``vggkit.utils.checks.RANDOM_INIT_SEED``, the same network on every call).
-    ``images_or_dir``: a folder of class folders (labels from the folders), a folder of
-    images, or a list of files / PIL images / arrays. Unreadable images are skipped with
-    one warning.
+    ``images_or_dir``: a folder of class folders (labels from the folders), WebDataset shards
+    or a Hugging Face dataset (labels from them; ``classes`` names shards' classes, see
+    ``data.sources``), a folder of images, or a list of files / PIL images / arrays.
+    Unreadable images are skipped with one warning.
+
+    Under an initialised process group (``torchrun``) each rank extracts every world-size-th
+    image (on CUDA on its own GPU); the rows are gathered, and every rank returns all of them
+    in input order.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"Unknown reduce {reduce!r}; choose from {REDUCTIONS}.")
@@ -247,7 +275,8 @@ def extract_features(
         if len(scales) != 1:
             raise ValueError(f"Maps (pool=None) of different scales do not stack; give one scale, not {scales}.")
         crop = crop or scales[0]
-    if isinstance(images_or_dir, (str, os.PathLike)) and not Path(images_or_dir).exists():
+    if (isinstance(images_or_dir, (str, os.PathLike)) and not Path(images_or_dir).exists()
+            and not _is_data_source(images_or_dir)):
         raise FileNotFoundError(f"Image folder or file not found: {images_or_dir}")
     if layer in ("fc6", "fc7", "fc8") and (crop or min(scales)) < 224:
         raise ValueError(f"Layer {layer}: the fully-convolutional VGG needs an input of at least 224x224 px; "
@@ -256,33 +285,27 @@ def extract_features(
     if decode not in DECODERS:
         raise ValueError(f"Unknown decode {decode!r}; choose from {', '.join(DECODERS)}.")
     model = _as_model(model_or_name, weights, width)
-    sources, labels, class_names, skipped = resolve_images(images_or_dir)
-    fast = optimize(LayerTap(model, layer), precision=precision, device=device, compile=compile,
+    sources, labels, class_names, skipped = resolve_images(images_or_dir, classes)
+    fast = optimize(LayerTap(model, layer), precision=precision, device=rank_device(device), compile=compile,
                     long_job=len(sources) >= LONG_JOB_IMAGES)
-    on_device = fast.runtime.device
-    if decode == "device" or (decode == "auto" and on_device.type == "cuda"):
-        dataset = _EncodedImages(sources)
-        views = _DeviceViews(sources, scales, crop, model.preprocess, on_device)
-    else:
-        dataset = _ScaledImages(sources, [EvalTransform(scale=q, crop=crop, preprocess=model.preprocess)
-                                          for q in scales])
-        views = _as_list
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
-                        pin_memory=on_device.type == "cuda")
-
+    loader, views = _loader(fast, model, sources, scales, crop, decode, batch_size, num_workers)
     kept: list[int] = []
     outputs: list[np.ndarray] = []
-    bar = tqdm(total=len(sources), desc=f"extract {layer}", unit="image", disable=not progress)
+    failed: list[tuple[int, str]] = []
+    bar = tqdm(total=len(loader.dataset), desc=f"extract {layer}", unit="image", disable=not progress or not is_main())
     for batch in loader:
         batch = views(batch)
         readable = [(i, views) for i, views in batch if not isinstance(views, str)]
-        skipped += [(_describe(sources[i]), views) for i, views in batch if isinstance(views, str)]
+        failed += [(i, views) for i, views in batch if isinstance(views, str)]
         per_scale = [_run_grouped(fast, [views[s] for _, views in readable], flip, pool) for s in range(len(scales))]
         kept += [i for i, _ in readable]
         outputs += [np.stack([per_scale[s][k] for s in range(len(scales))]) for k in range(len(readable))]
         bar.update(len(batch))  # images, not batches: a batch of 16 large images takes a while
     bar.close()
-    report_skipped(skipped)
+    kept, outputs, failed = _gathered(kept, outputs, failed)
+    skipped += [(_describe(sources[i]), reason) for i, reason in failed]
+    if is_main():
+        report_skipped(skipped)
     if not outputs:
         raise ValueError(f"None of the {len(sources)} image(s) given could be read; see the warning above.")
     features = np.stack(outputs)  # (N, S, C) pooled or (N, 1, C, h, w) maps
@@ -299,16 +322,44 @@ def extract_features(
                     list(class_names or getattr(model, "class_names", None) or []), layer, scales)
 
 
+def _loader(fast, model: VGG, sources: list, scales: tuple[int, ...], crop: int | None, decode: str,
+            batch_size: int, num_workers: int) -> tuple[DataLoader, object]:
+    """The loader of this rank's share of ``sources`` (all of them alone) and what makes its items' views."""
+    on_device = fast.runtime.device
+    if decode == "device" or (decode == "auto" and on_device.type == "cuda"):
+        dataset = _EncodedImages(sources)
+        views = _DeviceViews(sources, scales, crop, model.preprocess, on_device)
+    else:
+        dataset = _ScaledImages(sources, [EvalTransform(scale=q, crop=crop, preprocess=model.preprocess)
+                                          for q in scales])
+        views = _as_list
+    share = Subset(dataset, rank_indices(len(sources)))  # items keep their index into sources
+    return DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
+                      pin_memory=on_device.type == "cuda"), views
+
+
+def _gathered(kept: list[int], outputs: list[np.ndarray], failed: list[tuple[int, str]]
+              ) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
+    """Every rank's (indices, rows, failures) merged in input order; alone, as they are."""
+    parts = gather((kept, outputs, failed))
+    if len(parts) == 1:
+        return kept, outputs, failed
+    rows = sorted(((i, row) for part_kept, part_rows, _ in parts for i, row in zip(part_kept, part_rows)),
+                  key=lambda item: item[0])
+    return [i for i, _ in rows], [row for _, row in rows], sorted(f for _, _, part in parts for f in part)
+
+
 def extract_to_file(output: str | os.PathLike, *args, **kwargs) -> Features:
     """``extract_features(*args, **kwargs)``, saved to ``output`` (``Features.save``, atomic).
 
-    ``output`` is held by this call from the start (``vggkit.utils.lock.OutputLock.for_file``): a second
+    Under torchrun only rank 0 writes. ``output`` is held by this call from the start (``vggkit.utils.lock.OutputLock.for_file``): a second
     extraction to the same file is refused at once, before any work, with one line naming this process.
     """
-    output = writable_file(output, example="features.npz")
-    with OutputLock.for_file(output, fix="choose another output file (-o)"):
+    output = writable_file(output, example="features.npz") if is_main() else Path(output)
+    with OutputLock.for_file(output, fix="choose another output file (-o)", enabled=is_main()):
         features = extract_features(*args, **kwargs)
-        features.save(output)
+        if is_main():  # under torchrun, rank 0 alone writes
+            features.save(output)
     return features
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.folders import DataSplits, ImageListDataset, Samples, prepare_splits, report_skipped
+from ..data.folders import DataSplits, ImageListDataset, Samples, report_skipped
+from ..data.sources import prepare_splits
 from ..data.transforms import EvalTransform, TrainTransform
 from ..models.configs import resolve
 from ..models.heads import STRATEGIES, attach_head, freeze, frozen_prefix, parameter_groups, set_train_mode

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.folders import FolderScan, ImageListDataset, scan_imagenet
+from ..data.folders import FolderScan, ImageListDataset
+from ..data.sources import scan_imagenet
 from ..data.pipeline import EncodedImages, EpochSampler, GpuAugment, SeededAugment, ShardSampler, collate_encoded
 from ..data.transforms import EvalTransform, TrainTransform
 from ..models.vgg import VGG
