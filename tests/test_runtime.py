@@ -454,3 +454,19 @@ def test_the_default_backend_is_onnxruntime_on_a_float32_cpu_and_falls_back_to_t
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
     assert fast(x).shape == (2, 4)  # the size is remembered: no second export, no second warning
+
+
+@ORT
+def test_inputs_of_ever_new_sizes_stop_exporting_after_max_exports():
+    import vggkit.runtime.onnx as onnx_backend
+
+    model = vggkit.create_model("vgg11", width=1 / 16, num_classes=3).eval()
+    fast = vggkit.optimize(model, precision="fp32", device="cpu", backend="onnxruntime")
+    sides = [32 + 8 * i for i in range(onnx_backend.MAX_EXPORTS + 2)]
+    with pytest.warns(UserWarning, match="input sizes exported already; new sizes run in PyTorch"):
+        for side in sides:
+            x = torch.randn(1, 3, side, side)
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(fast.model._exported) == onnx_backend.MAX_EXPORTS
+    assert len(fast.model._sessions) == onnx_backend.SESSIONS  # the latest exported sizes keep theirs

@@ -61,12 +61,6 @@ def data(tmp_path_factory):
     return {"folder": tree, "wds": base / "wds", "parquet": base / "parquet", "disk": base / "disk", "base": base}
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    """Run float32 CPU inference in torch: onnxruntime's backend would export the network for every input size."""
-    monkeypatch.setattr("vggkit.runtime.onnx.onnxruntime_available", lambda: False)
-
-
 def tiny(num_classes: int = 3) -> vggkit.VGG:
     return vggkit.create_model("vgg11", width=WIDTH, num_classes=num_classes)
 
@@ -189,9 +183,7 @@ def test_pack_cli_writes_verifies_and_refuses_bad_input_in_one_line(data, tmp_pa
 
 TORCHRUN_SCRIPT = """
 import sys
-import vggkit.runtime.onnx
 from vggkit.cli import main
-vggkit.runtime.onnx.onnxruntime_available = lambda: False  # torch runs the network (no export per input size)
 model, data, out = sys.argv[1:4]
 assert main(["evaluate", "--model", model, "--data", data, "--protocol", "center", "dense", "--scales", "224",
              "--batch-size", "3", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--csv",

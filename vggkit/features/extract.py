@@ -286,8 +286,9 @@ def extract_features(
         raise ValueError(f"Unknown decode {decode!r}; choose from {', '.join(DECODERS)}.")
     model = _as_model(model_or_name, weights, width)
     sources, labels, class_names, skipped = resolve_images(images_or_dir, classes)
+    # The torch copy: images run at their own rescaled sizes, each of which onnxruntime would export anew.
     fast = optimize(LayerTap(model, layer), precision=precision, device=rank_device(device), compile=compile,
-                    long_job=len(sources) >= LONG_JOB_IMAGES)
+                    long_job=len(sources) >= LONG_JOB_IMAGES, backend="torch")
     loader, views = _loader(fast, model, sources, scales, crop, decode, batch_size, num_workers)
     kept: list[int] = []
     outputs: list[np.ndarray] = []

@@ -24,6 +24,7 @@ from torch import nn
 INSTALL = "pip install 'vggkit[onnx]' (or: pip install onnx onnxruntime onnxscript)"
 
 
+MAX_EXPORTS = 4  # distinct input sizes exported per module; further sizes run in PyTorch
 SESSIONS = 2  # sessions kept per module where the export fixes H and W: each holds a full copy of the weights
 
 
@@ -130,6 +131,9 @@ class OnnxModule(nn.Module):
         self.training = False  # an inference copy, as the torch one: tools that save the mode read False
         self.threads, self.opset = threads, opset
         self.exporter: str | None = None
+        self._exported: set[tuple[int, ...]] = set()  # every size exported so far (at most MAX_EXPORTS)
+        self._in_torch: set[tuple[int, ...]] = set()  # sizes run by the module itself
+        self._warned_sizes = False
         self._sessions: OrderedDict[tuple[int, ...], tuple[object, list[str], str]] = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -150,9 +154,21 @@ class OnnxModule(nn.Module):
                                         batch_axes("input", names), self.opset)
             return load_session(path, self.threads), names, kind
 
-    def _session(self, size: tuple[int, ...]) -> tuple[object, list[str], str]:
+    def _session(self, size: tuple[int, ...]) -> tuple[object, list[str], str] | None:
+        """The session for inputs of ``size``, exported on first use; None where that size runs in PyTorch."""
         entry = self._sessions.pop(size, None)
         if entry is None:
+            if size in self._in_torch:
+                return None
+            if len(self._exported) >= MAX_EXPORTS:
+                # Sizes that keep changing (images at their own size) would pay an export each: PyTorch from here.
+                if not self._warned_sizes:
+                    self._warned_sizes = True
+                    warnings.warn(f"onnxruntime backend: {MAX_EXPORTS} input sizes exported already; new sizes "
+                                  f"run in PyTorch (for inputs of many sizes pass backend='torch')", stacklevel=3)
+                self._in_torch.add(size)
+                return None
+            self._exported.add(size)
             try:
                 with torch.inference_mode(False):  # the exporters trace; the caller may be in inference mode
                     entry = self._export(size)
@@ -162,17 +178,19 @@ class OnnxModule(nn.Module):
                 # A size no exporter takes (a map smaller than adaptive pooling's output, say) runs in torch:
                 # optimize()'s default backend must never fail where the model itself runs.
                 warnings.warn(f"onnxruntime backend: inputs of size {size} run in PyTorch ({error})", stacklevel=3)
-                entry = (None, [], "torch")
+                self._in_torch.add(size)
+                return None
             while len(self._sessions) >= SESSIONS:
                 self._sessions.popitem(last=False)
         self._sessions[size] = entry  # most recent last
         return entry
 
     def forward(self, x: torch.Tensor):
-        session, names, kind = self._session(tuple(x.shape[1:]))
-        if session is None:
+        entry = self._session(tuple(x.shape[1:]))
+        if entry is None:
             with torch.no_grad():
                 return self.module(x.to("cpu", torch.float32))
+        session, names, kind = entry
         try:
             arrays = session.run(None, {"input": x.detach().to("cpu", torch.float32).contiguous().numpy()})
         except Exception as error:  # noqa: BLE001 - onnxruntime's errors are its own pybind types
