@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -63,23 +62,34 @@ def images_per_second(dataset: Dataset, count: int, workers: int = WORKERS) -> f
     return seen / (time.perf_counter() - start)
 
 
-def write_photos(folder: Path, count: int) -> Path:
-    """``count`` 500x375 JPEGs of scikit-image's photos in two class folders."""
-    from skimage import data as photos
+PHOTOS = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")  # the examples the package ships
 
-    sources = [photos.chelsea(), photos.coffee(), photos.astronaut(), photos.rocket()]
+
+def write_photos(folder: Path, count: int) -> Path:
+    """``count`` 500x375 JPEGs of the bundled example photographs in two class folders."""
+    package = Path(__file__).resolve().parents[1]
+    found = [next((f / name for f in (package / "_app" / "assets" / "examples", package.parent / "assets" /
+                                      "examples") if (f / name).is_file()), None) for name in PHOTOS]
+    if None in found:
+        raise FileNotFoundError(f"The example photographs {', '.join(PHOTOS)} are not in this installation.")
+    sources = [Image.open(path).convert("RGB") for path in found]
     for i in range(count):
         (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(np.asarray(sources[i % 4])).convert("RGB").resize((500, 375))
-        image.save(folder / f"c{i % 2}" / f"photo{i:05d}.jpg", quality=90)
+        sources[i % 4].resize((500, 375)).save(folder / f"c{i % 2}" / f"photo{i:05d}.jpg", quality=90)
     return folder
 
 
 def data_sources(settings: Settings, log) -> list[Row]:
     """Rows: the class folder (reference), shards by offset, shards streamed, parquet rows; images/s."""
+    import importlib.util
+
     from ..data.pack import pack
     from ..data.sources import open_scan
 
+    missing = [name for name in ("webdataset", "datasets") if importlib.util.find_spec(name) is None]
+    if missing:
+        log(f"(l) skipped: {' and '.join(missing)} not installed (pip install 'vggkit[scale]')")
+        return []
     count = 4 * settings.pipeline_images
     log(f"(l) reading {count} JPEGs from a class folder, shards and parquet, {WORKERS} workers each")
     with tempfile.TemporaryDirectory(prefix="vggkit-bench-") as folder:
