@@ -431,3 +431,19 @@ def test_an_interrupted_finetune_leaves_its_previous_outputs_or_all_new_ones(tin
     assert all(snapshot(output)[name][1] != previous[name][1] for name in FINETUNE_OUTPUTS)
     assert vggkit.load(output / "model.pth").class_names == ["circle", "square"]
     assert sorted(p.name for p in output.iterdir()) == sorted(FINETUNE_OUTPUTS)  # no lock, no temp file left
+
+
+def test_a_worker_forked_before_its_own_handlers_ignores_the_groups_signal(monkeypatch):
+    """A Ctrl-C that reaches a DataLoader worker between fork and torch's handlers: the parent stops the
+    command; the child must not raise (multiprocessing would print a traceback from its start)."""
+    import signal as signals
+
+    from vggkit.cli import _Interrupts
+
+    hooks = _Interrupts()
+    monkeypatch.setattr("os.getpid", lambda: hooks.pid + 1)  # as seen from a forked child
+    assert hooks.on_signal(signals.SIGINT, None) is None and hooks.received is None
+    monkeypatch.undo()
+    with pytest.raises(KeyboardInterrupt):
+        hooks.on_signal(signals.SIGINT, None)
+    assert hooks.received == signals.SIGINT

@@ -95,6 +95,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.received: int | None = None
         self.saved: dict = {}
+        self.pid = os.getpid()
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -130,6 +131,11 @@ class _Interrupts:
         """Stop the command. DataLoader workers the same signal ended (a Ctrl-C or a scheduler's SIGTERM
         reaches the whole process group) are no error: torch's SIGCHLD handler, which would raise one from
         wherever the unwinding is (a worker's join in ``__del__``: a traceback), does nothing until restore."""
+        if os.getpid() != self.pid:
+            # A DataLoader worker forked a moment ago, before torch set its own handlers: the group's signal
+            # reached the parent too, which stops the command and ends its workers. Raising here would print
+            # multiprocessing's traceback from the child's start.
+            return
         self.received = signum
         if callable(signal.getsignal(signal.SIGCHLD)) and signal.SIGCHLD not in self.saved:
             self.saved[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda number, frame: None)
